@@ -1,0 +1,317 @@
+//! The cache of all chats: a `DashMap` of [`Chat`]s, the global byte budget, and the reads that
+//! keep rings complete (hole repair, full refresh, reload after a LISTEN reconnect).
+//!
+//! No DashMap guard is held across an `.await`: every guard here lives inside one statement or
+//! a block without awaits (enforced by clippy's `await_holding_invalid_type`).
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use dashmap::DashMap;
+use uuid::Uuid;
+
+use crate::chat::Chat;
+use crate::config::{CacheConfig, Framing};
+use crate::db::{self, Pool, ReadReason};
+use crate::metrics::Metrics;
+use crate::render;
+use crate::ring::{Effects, RingLimits};
+
+/// Why chatcache cannot read or render a chat's messages itself.
+#[derive(Debug, thiserror::Error)]
+pub enum FillError {
+    #[error(transparent)]
+    Db(#[from] db::DbError),
+    #[error(transparent)]
+    Unsupported(#[from] render::UnsupportedContent),
+}
+
+pub struct Cache {
+    chats: DashMap<Uuid, Arc<Chat>>,
+    pub pool: Pool,
+    pub metrics: Metrics,
+    pub framing: Framing,
+    limits: RwLock<CacheConfig>,
+    total_bytes: AtomicI64,
+}
+
+impl Cache {
+    pub fn new(pool: Pool, metrics: Metrics, framing: Framing, limits: CacheConfig) -> Arc<Self> {
+        Arc::new(Self {
+            chats: DashMap::new(),
+            pool,
+            metrics,
+            framing,
+            limits: RwLock::new(limits),
+            total_bytes: AtomicI64::new(0),
+        })
+    }
+
+    pub fn limits(&self) -> CacheConfig {
+        self.limits
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Applies reloaded limits; rings shrink on their next insert.
+    pub fn set_limits(&self, limits: CacheConfig) {
+        *self.limits.write().unwrap_or_else(|e| e.into_inner()) = limits;
+    }
+
+    pub fn ring_limits(&self) -> RingLimits {
+        let l = self.limits();
+        RingLimits {
+            max_messages: l.max_messages_per_chat,
+            max_bytes: l.max_bytes_per_chat,
+        }
+    }
+
+    pub fn get(&self, id: &Uuid) -> Option<Arc<Chat>> {
+        self.chats.get(id).map(|c| c.clone())
+    }
+
+    /// The chat's entry, created (as `Loading`) when absent. `true` means the caller created it
+    /// and must start its lifecycle.
+    pub fn get_or_create(&self, id: Uuid) -> (Arc<Chat>, bool) {
+        let mut created = false;
+        let chat = self
+            .chats
+            .entry(id)
+            .or_insert_with(|| {
+                created = true;
+                Arc::new(Chat::new(id))
+            })
+            .clone();
+        if created {
+            self.metrics.chats_held.set(self.chats.len() as i64);
+        }
+        (chat, created)
+    }
+
+    pub fn chat_ids(&self) -> Vec<Uuid> {
+        self.chats.iter().map(|e| *e.key()).collect()
+    }
+
+    /// Removes a chat whose feed ended; its bytes leave the budget.
+    pub fn remove(&self, chat: &Arc<Chat>) {
+        let removed = self
+            .chats
+            .remove_if(&chat.id, |_, c| Arc::ptr_eq(c, chat))
+            .is_some();
+        chat.close();
+        if removed {
+            let bytes = chat.lock().ring.bytes as i64;
+            self.account(-bytes);
+            self.metrics.chats_held.set(self.chats.len() as i64);
+        }
+    }
+
+    pub fn account(&self, delta: i64) {
+        let total = self.total_bytes.fetch_add(delta, Ordering::Relaxed) + delta;
+        self.metrics.bytes_held.set(total);
+    }
+
+    /// Runs a synchronous change on a chat's state, keeps the byte budget and acts on the
+    /// effects: wakes subscribers, schedules hole checks and repairs.
+    pub fn apply<F>(self: &Arc<Self>, chat: &Arc<Chat>, change: F)
+    where
+        F: FnOnce(&mut crate::chat::ChatState, RingLimits) -> Effects,
+    {
+        let limits = self.ring_limits();
+        let (fx, delta) = {
+            let mut state = chat.lock();
+            let before = state.ring.bytes as i64;
+            let fx = change(&mut state, limits);
+            if fx.advanced {
+                state.wake(false);
+            }
+            (fx, state.ring.bytes as i64 - before)
+        };
+        self.account(delta);
+        if fx.repair_now {
+            self.spawn_repair(chat.clone());
+        } else if fx.check_later {
+            self.spawn_hole_check(chat.clone());
+        }
+        if delta > 0 {
+            self.enforce_budget();
+        }
+    }
+
+    /// A LISTEN announcement: message `id` exists in `chat`.
+    pub fn announce(self: &Arc<Self>, chat_id: Uuid, id: i64) {
+        if let Some(chat) = self.get(&chat_id) {
+            self.apply(&chat, |state, _| state.ring.announce(id));
+        }
+    }
+
+    /// After the grace period, any announced message still missing is read from Postgres.
+    fn spawn_hole_check(self: &Arc<Self>, chat: Arc<Chat>) {
+        let cache = self.clone();
+        let grace = Duration::from_millis(self.limits().hole_grace_ms);
+        tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            if !chat.is_closed() && chat.lock().ring.has_pending() {
+                cache.spawn_repair(chat);
+            }
+        });
+    }
+
+    /// One coalesced read of `id > proven_head` per chat; a second request while it runs is
+    /// folded into one more read afterwards.
+    pub fn spawn_repair(self: &Arc<Self>, chat: Arc<Chat>) {
+        {
+            let mut state = chat.lock();
+            if state.repair_running {
+                state.repair_again = true;
+                return;
+            }
+            state.repair_running = true;
+        }
+        let cache = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let (epoch, from, pending) = {
+                    let state = chat.lock();
+                    (
+                        state.epoch,
+                        state.ring.proven_head,
+                        state.ring.pending_ids(),
+                    )
+                };
+                cache.metrics.hole_repairs.inc();
+                let result = cache.read_events(ReadReason::Repair, chat.id, from).await;
+                let mut again = false;
+                match result {
+                    Ok(rows) => {
+                        tracing::debug!(chat.id = %chat.id, from, rows = rows.len(), "hole repaired");
+                        cache.apply(&chat, |state, limits| {
+                            if state.epoch != epoch {
+                                return Effects::default();
+                            }
+                            state.ring.merge_read(from, rows, &pending, limits)
+                        });
+                    }
+                    Err(e) => {
+                        tracing::warn!(chat.id = %chat.id, error = %e, "hole repair failed");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        again = !chat.is_closed();
+                    }
+                }
+                let mut state = chat.lock();
+                again |= std::mem::take(&mut state.repair_again) || state.ring.has_pending();
+                if !again || chat.is_closed() {
+                    state.repair_running = false;
+                    return;
+                }
+            }
+        });
+    }
+
+    /// A `full_refresh` notify (an edit): reload the whole history and replay it.
+    pub fn full_refresh(self: &Arc<Self>, chat_id: Uuid) {
+        if let Some(chat) = self.get(&chat_id) {
+            self.metrics.full_refreshes.inc();
+            self.spawn_reload(chat, ReadReason::Refresh);
+        }
+    }
+
+    /// Re-reads a chat from id 0 in a new epoch. After a refresh every subscriber gets the
+    /// whole history again; after a reload only if the history changed.
+    pub fn spawn_reload(self: &Arc<Self>, chat: Arc<Chat>, reason: ReadReason) {
+        let epoch = chat.lock().begin_refresh();
+        let cache = self.clone();
+        tokio::spawn(async move {
+            let mut delay = Duration::from_millis(200);
+            loop {
+                match cache.read_events(reason, chat.id, 0).await {
+                    Ok(rows) => {
+                        let limits = cache.ring_limits();
+                        let delta = {
+                            let mut state = chat.lock();
+                            let before = state.ring.bytes as i64;
+                            let always = reason == ReadReason::Refresh;
+                            state.finish_refresh(epoch, rows, limits, always);
+                            state.ring.bytes as i64 - before
+                        };
+                        cache.account(delta);
+                        return;
+                    }
+                    Err(FillError::Unsupported(e)) => {
+                        tracing::warn!(chat.id = %chat.id, error = %e, "chat left to coderd");
+                        cache
+                            .metrics
+                            .fail_opens
+                            .with_label_values(&["content_version"])
+                            .inc();
+                        cache.remove(&chat);
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(chat.id = %chat.id, error = %e, "reload failed; retrying");
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(Duration::from_secs(5));
+                        if chat.is_closed() || chat.lock().epoch != epoch {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    /// After a LISTEN reconnect a `full_refresh` may have been missed: reload every chat.
+    pub fn reload_all(self: &Arc<Self>) {
+        for id in self.chat_ids() {
+            if let Some(chat) = self.get(&id) {
+                self.spawn_reload(chat, ReadReason::Reload);
+            }
+        }
+    }
+
+    /// Reads and renders `id > after_id` for one chat.
+    pub async fn read_events(
+        &self,
+        reason: ReadReason,
+        chat: Uuid,
+        after_id: i64,
+    ) -> Result<Vec<(i64, Bytes)>, FillError> {
+        let rows = db::messages_after(&self.pool, &self.metrics, reason, chat, after_id).await?;
+        rows.iter()
+            .map(|row| {
+                Ok((
+                    row.id,
+                    Bytes::from(render::message_event(row, self.framing)?),
+                ))
+            })
+            .collect()
+    }
+
+    /// Evicts idle chats, least recently used first, while the cache is over `max_bytes`.
+    fn enforce_budget(&self) {
+        let max = self.limits().max_bytes as i64;
+        if self.total_bytes.load(Ordering::Relaxed) <= max {
+            return;
+        }
+        let mut idle: Vec<(std::time::Instant, Arc<Chat>)> = self
+            .chats
+            .iter()
+            .filter_map(|e| {
+                let since = e.value().lock().idle_since?;
+                Some((since, e.value().clone()))
+            })
+            .collect();
+        idle.sort_by_key(|(since, _)| *since);
+        for (_, chat) in idle {
+            if self.total_bytes.load(Ordering::Relaxed) <= max {
+                break;
+            }
+            tracing::info!(chat.id = %chat.id, "evicting idle chat over the byte budget");
+            self.metrics.evictions.inc();
+            self.remove(&chat);
+        }
+    }
+}

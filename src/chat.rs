@@ -1,0 +1,422 @@
+//! One cached chat: its ring, the ephemeral state the feed keeps current, and its subscribers.
+//!
+//! All state sits behind one `std::sync::Mutex` that is never held across an `.await`; every
+//! method here is synchronous and returns what the caller must do next (read, wake, reconnect).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, watch};
+use uuid::Uuid;
+
+use crate::authz::Credentials;
+use crate::ring::{Effects, Entry, Ring, RingLimits};
+use crate::wire::EventHead;
+
+/// coderd's part buffer limit (`maxStreamBufferSize`); the oldest part is dropped beyond it.
+const MAX_BUFFERED_PARTS: usize = 10_000;
+
+/// What a subscriber's task is told. Durable messages are never carried here, only the news
+/// that the ring moved, so a slow subscriber can always catch up from the ring by cursor.
+#[derive(Debug)]
+pub enum Signal {
+    /// An ephemeral event (part, status, queue, retry, error), encoded.
+    Event(Bytes),
+    /// The ring has entries this subscriber has not seen.
+    Durable,
+    /// The history was rewritten: resend all of it, as coderd does after `full_refresh`.
+    Replay,
+}
+
+/// The readiness of a chat, published to subscribers waiting for the first snapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Phase {
+    Loading,
+    Ready,
+    /// The chat cannot be served from the cache; new subscribers fail open.
+    Failed(&'static str),
+}
+
+struct SubscriberSlot {
+    tx: mpsc::Sender<Signal>,
+    overflowed: Arc<AtomicBool>,
+    credentials: Credentials,
+}
+
+/// Where a subscriber stands in the chat's history.
+#[derive(Debug, Clone)]
+pub struct Cursor {
+    pub epoch: u64,
+    pub seen_seq: u64,
+    /// The client's `after_id`: nothing at or below it is sent, except in a replay.
+    pub after_id: i64,
+}
+
+pub struct Subscription {
+    pub id: u64,
+    pub rx: mpsc::Receiver<Signal>,
+    pub overflowed: Arc<AtomicBool>,
+    pub cursor: Cursor,
+}
+
+pub struct ChatState {
+    pub epoch: u64,
+    pub ring: Ring,
+    status: Option<Bytes>,
+    parts: Vec<Bytes>,
+    queue: Option<Bytes>,
+    subscribers: HashMap<u64, SubscriberSlot>,
+    next_subscriber: u64,
+    pub idle_since: Option<Instant>,
+    /// A full refresh is being read; feed messages wait for it in `refresh_staged`.
+    pub refreshing: bool,
+    refresh_staged: Vec<(i64, Bytes)>,
+    pub repair_running: bool,
+    pub repair_again: bool,
+}
+
+pub struct Chat {
+    pub id: Uuid,
+    state: Mutex<ChatState>,
+    phase: watch::Sender<Phase>,
+    /// Set when the chat leaves the cache; its feed and timers stop.
+    closed: watch::Sender<bool>,
+}
+
+impl Chat {
+    pub fn new(id: Uuid) -> Self {
+        let state = ChatState {
+            epoch: 1,
+            ring: Ring::default(),
+            status: None,
+            parts: Vec::new(),
+            queue: None,
+            subscribers: HashMap::new(),
+            next_subscriber: 1,
+            idle_since: Some(Instant::now()),
+            refreshing: false,
+            refresh_staged: Vec::new(),
+            repair_running: false,
+            repair_again: false,
+        };
+        Self {
+            id,
+            state: Mutex::new(state),
+            phase: watch::channel(Phase::Loading).0,
+            closed: watch::channel(false).0,
+        }
+    }
+
+    /// The state lock. Poisoning only follows a panic elsewhere; the data is still consistent
+    /// because every mutation completes before it can panic, so keep serving.
+    pub fn lock(&self) -> MutexGuard<'_, ChatState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn phase(&self) -> watch::Receiver<Phase> {
+        self.phase.subscribe()
+    }
+
+    pub fn set_phase(&self, phase: Phase) {
+        self.phase.send_replace(phase);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        *self.phase.borrow() == Phase::Ready
+    }
+
+    pub fn closed(&self) -> watch::Receiver<bool> {
+        self.closed.subscribe()
+    }
+
+    pub fn close(&self) {
+        self.closed.send_replace(true);
+        self.set_phase(Phase::Failed("evicted"));
+        // Dropping the senders ends every subscriber's stream; clients reconnect.
+        self.lock().subscribers.clear();
+    }
+
+    pub fn is_closed(&self) -> bool {
+        *self.closed.borrow()
+    }
+}
+
+impl ChatState {
+    pub fn subscriber_count(&self) -> usize {
+        self.subscribers.len()
+    }
+
+    /// Credentials of a current subscriber, newest first, for (re)opening the feed.
+    pub fn feed_credentials(&self) -> Vec<Credentials> {
+        let mut ids: Vec<&u64> = self.subscribers.keys().collect();
+        ids.sort_unstable_by(|a, b| b.cmp(a));
+        ids.into_iter()
+            .map(|id| self.subscribers[id].credentials.clone())
+            .collect()
+    }
+
+    /// Installs the feed's first snapshot, which coderd read from Postgres (`id > from`).
+    pub fn install_snapshot(
+        &mut self,
+        from: i64,
+        events: Vec<(EventHead, Bytes)>,
+        limits: RingLimits,
+    ) -> Effects {
+        let mut rows = Vec::new();
+        self.parts.clear();
+        self.queue = None;
+        for (head, bytes) in events {
+            match head.kind.as_str() {
+                "message" => {
+                    if let Some(m) = head.message {
+                        rows.push((m.id, bytes));
+                    }
+                }
+                "status" => self.status = Some(bytes),
+                "message_part" => self.parts.push(bytes),
+                "queue_update" => {
+                    self.queue = head.queued_messages.is_some().then_some(bytes);
+                }
+                _ => {}
+            }
+        }
+        if self.ring.is_empty() && self.ring.proven_head == 0 && from == 0 {
+            let announced = self.ring.pending_ids();
+            self.ring = Ring::from_read(0, rows, limits);
+            let mut fx = Effects {
+                advanced: true,
+                ..Effects::default()
+            };
+            for id in announced {
+                fx.merge(self.ring.announce(id));
+            }
+            fx
+        } else {
+            let pending = self.ring.pending_ids();
+            self.ring.merge_read(from, rows, &pending, limits)
+        }
+    }
+
+    /// One live event from the feed. Returns ring effects and whether the feed itself failed.
+    pub fn feed_event(&mut self, head: EventHead, bytes: Bytes, limits: RingLimits) -> Effects {
+        match head.kind.as_str() {
+            "message" => {
+                let Some(m) = head.message else {
+                    return Effects::default();
+                };
+                if matches!(m.role.as_deref(), Some("assistant" | "tool")) {
+                    self.parts.clear();
+                }
+                if self.refreshing {
+                    self.refresh_staged.push((m.id, bytes));
+                    return Effects::default();
+                }
+                return self.ring.feed_message(m.id, bytes, limits);
+            }
+            "message_part" => {
+                if self.parts.len() >= MAX_BUFFERED_PARTS {
+                    self.parts.remove(0);
+                }
+                self.parts.push(bytes.clone());
+            }
+            "status" => {
+                if head.status.as_ref().is_some_and(|s| s.status != "running") {
+                    self.parts.clear();
+                }
+                self.status = Some(bytes.clone());
+            }
+            "queue_update" => self.queue = head.queued_messages.is_some().then(|| bytes.clone()),
+            _ => {}
+        }
+        self.broadcast(bytes);
+        Effects::default()
+    }
+
+    /// Sends an ephemeral event to every subscriber; one that cannot keep up is dropped.
+    fn broadcast(&mut self, event: Bytes) {
+        self.subscribers.retain(
+            |_, slot| match slot.tx.try_send(Signal::Event(event.clone())) {
+                Ok(()) => true,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    slot.overflowed.store(true, Ordering::Release);
+                    false
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+            },
+        );
+    }
+
+    /// Tells every subscriber that the ring moved (or was rewritten).
+    pub fn wake(&mut self, replay: bool) {
+        self.subscribers.retain(|_, slot| {
+            let signal = if replay {
+                Signal::Replay
+            } else {
+                Signal::Durable
+            };
+            match slot.tx.try_send(signal) {
+                Ok(()) => true,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    slot.overflowed.store(true, Ordering::Release);
+                    false
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+            }
+        });
+    }
+
+    /// Registers a subscriber and returns its snapshot in coderd's order: status, buffered
+    /// parts, messages with `id > after_id`, then the queue if it is not empty.
+    ///
+    /// Returns `None` when `after_id` is below the floor: the caller reads those from Postgres.
+    pub fn subscribe(
+        &mut self,
+        after_id: i64,
+        credentials: Credentials,
+        queue_len: usize,
+        below_floor: Option<Vec<Bytes>>,
+    ) -> Option<(Subscription, Vec<Bytes>)> {
+        if after_id < self.ring.floor && below_floor.is_none() {
+            return None;
+        }
+        let mut snapshot = Vec::with_capacity(self.ring.len() + self.parts.len() + 2);
+        snapshot.extend(self.status.iter().cloned());
+        snapshot.extend(self.parts.iter().cloned());
+        let (read_top, older) = match below_floor {
+            Some(rows) => (self.ring.floor, rows),
+            None => (after_id, Vec::new()),
+        };
+        snapshot.extend(older);
+        snapshot.extend(
+            self.ring
+                .after(read_top.max(after_id))
+                .map(|e| e.event.clone()),
+        );
+        snapshot.extend(self.queue.iter().cloned());
+
+        let (tx, rx) = mpsc::channel(queue_len);
+        let overflowed = Arc::new(AtomicBool::new(false));
+        let id = self.next_subscriber;
+        self.next_subscriber += 1;
+        self.subscribers.insert(
+            id,
+            SubscriberSlot {
+                tx,
+                overflowed: overflowed.clone(),
+                credentials,
+            },
+        );
+        self.idle_since = None;
+        let cursor = Cursor {
+            epoch: self.epoch,
+            seen_seq: self.ring.max_seq(),
+            after_id,
+        };
+        Some((
+            Subscription {
+                id,
+                rx,
+                overflowed,
+                cursor,
+            },
+            snapshot,
+        ))
+    }
+
+    pub fn unsubscribe(&mut self, id: u64) {
+        self.subscribers.remove(&id);
+        if self.subscribers.is_empty() {
+            self.idle_since = Some(Instant::now());
+        }
+    }
+
+    /// Ring entries this subscriber has not seen yet.
+    pub fn pull(&self, cursor: &mut Cursor) -> Vec<Bytes> {
+        if cursor.epoch != self.epoch {
+            // A replay for the new epoch is queued behind this signal; it will carry these.
+            return Vec::new();
+        }
+        let fresh: Vec<Entry> = self.ring.since(cursor.seen_seq, cursor.after_id);
+        cursor.seen_seq = self.ring.max_seq();
+        fresh.into_iter().map(|e| e.event).collect()
+    }
+
+    /// The whole cached history, after a full refresh.
+    pub fn replay(&self, cursor: &mut Cursor) -> Vec<Bytes> {
+        cursor.epoch = self.epoch;
+        cursor.seen_seq = self.ring.max_seq();
+        cursor.after_id = 0;
+        self.ring.all().map(|e| e.event.clone()).collect()
+    }
+
+    /// Starts a full refresh: a new epoch; feed messages wait until the read is merged.
+    pub fn begin_refresh(&mut self) -> u64 {
+        self.epoch += 1;
+        self.refreshing = true;
+        self.epoch
+    }
+
+    /// Replaces the history with a read from id 0 made for `epoch`. Returns false (and changes
+    /// nothing) when a newer refresh started meanwhile: a stale fill never enters the ring.
+    pub fn finish_refresh(
+        &mut self,
+        epoch: u64,
+        rows: Vec<(i64, Bytes)>,
+        limits: RingLimits,
+        always_replay: bool,
+    ) -> bool {
+        if epoch != self.epoch {
+            return false;
+        }
+        let top = rows.last().map_or(0, |r| r.0);
+        let unchanged = !always_replay && {
+            let old: Vec<i64> = self
+                .ring
+                .all()
+                .map(|e| e.id)
+                .filter(|&id| id <= top)
+                .collect();
+            let new: Vec<i64> = rows
+                .iter()
+                .map(|r| r.0)
+                .filter(|&id| id > self.ring.floor)
+                .collect();
+            old == new
+        };
+        if unchanged {
+            let pending = self.ring.pending_ids();
+            let fx = self
+                .ring
+                .merge_read(self.ring.floor, rows, &pending, limits);
+            self.refreshing = false;
+            self.release_refresh_staged(limits);
+            if fx.advanced {
+                self.wake(false);
+            }
+            return true;
+        }
+        let carried: Vec<(i64, Bytes)> = self
+            .ring
+            .all()
+            .filter(|e| e.id > top)
+            .map(|e| (e.id, e.event.clone()))
+            .collect();
+        self.ring = Ring::from_read(0, rows, limits);
+        for (id, event) in carried {
+            self.ring.feed_message(id, event, limits);
+        }
+        self.refreshing = false;
+        self.release_refresh_staged(limits);
+        self.wake(true);
+        true
+    }
+
+    fn release_refresh_staged(&mut self, limits: RingLimits) {
+        for (id, event) in std::mem::take(&mut self.refresh_staged) {
+            self.ring.feed_message(id, event, limits);
+        }
+    }
+}
