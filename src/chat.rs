@@ -279,15 +279,16 @@ impl ChatState {
         queue_len: usize,
         below_floor: Option<Vec<Bytes>>,
     ) -> Option<(Subscription, Vec<Bytes>)> {
-        if after_id < self.ring.floor && below_floor.is_none() {
+        let below = self.ring.floor > 0 && after_id < self.ring.floor;
+        if below && below_floor.is_none() {
             return None;
         }
         let mut snapshot = Vec::with_capacity(self.ring.len() + self.parts.len() + 2);
         snapshot.extend(self.status.iter().cloned());
         snapshot.extend(self.parts.iter().cloned());
         let (read_top, older) = match below_floor {
-            Some(rows) => (self.ring.floor, rows),
-            None => (after_id, Vec::new()),
+            Some(rows) if below => (self.ring.floor, rows),
+            _ => (after_id, Vec::new()),
         };
         snapshot.extend(older);
         snapshot.extend(

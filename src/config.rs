@@ -375,6 +375,13 @@ mod tests {
         Config::default().validate().unwrap();
     }
 
+    /// The shipped config.toml documents exactly the defaults.
+    #[test]
+    fn shipped_config_is_the_defaults() {
+        let shipped = Config::parse(include_str!("../config.toml"), Path::new("config.toml"));
+        assert_eq!(shipped.unwrap().redacted_toml(), Config::default().redacted_toml());
+    }
+
     #[test]
     fn unknown_field_names_the_field() {
         let err = Config::parse("listen_adr = \"1.2.3.4:1\"", Path::new("x.toml")).unwrap_err();
