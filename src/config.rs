@@ -379,7 +379,10 @@ mod tests {
     #[test]
     fn shipped_config_is_the_defaults() {
         let shipped = Config::parse(include_str!("../config.toml"), Path::new("config.toml"));
-        assert_eq!(shipped.unwrap().redacted_toml(), Config::default().redacted_toml());
+        assert_eq!(
+            shipped.unwrap().redacted_toml(),
+            Config::default().redacted_toml()
+        );
     }
 
     #[test]
@@ -419,8 +422,10 @@ mod tests {
             redact_url("host=h password=secret"),
             "host=h password=REDACTED"
         );
-        let mut c = Config::default();
-        c.database_url = "postgres://u:hunter2@h/db".into();
+        let c = Config {
+            database_url: "postgres://u:hunter2@h/db".into(),
+            ..Config::default()
+        };
         assert!(!c.redacted_toml().contains("hunter2"));
     }
 }

@@ -158,6 +158,7 @@ pub fn split_frame(framing: Framing, text: &str) -> Result<FrameContent, String>
     }
 }
 
+#[allow(clippy::boxed_local)] // serde hands RawValues out boxed
 fn raw_bytes(raw: Box<serde_json::value::RawValue>) -> Bytes {
     Bytes::from(raw.get().as_bytes().to_vec())
 }
