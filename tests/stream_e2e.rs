@@ -12,11 +12,21 @@ const WAIT: Duration = Duration::from_secs(10);
 
 /// Messages only (type message), as (id, full JSON) pairs.
 fn messages(events: &[Value]) -> Vec<Value> {
-    events.iter().filter(|e| e["type"] == "message").cloned().collect()
+    events
+        .iter()
+        .filter(|e| e["type"] == "message")
+        .cloned()
+        .collect()
 }
 
 /// Runs `turns` turns on a chat through `addr` and waits for each to finish.
-async fn run_turns(addr: std::net::SocketAddr, db: &tokio_postgres::Client, chat: &str, token: &str, turns: usize) {
+async fn run_turns(
+    addr: std::net::SocketAddr,
+    db: &tokio_postgres::Client,
+    chat: &str,
+    token: &str,
+    turns: usize,
+) {
     for t in 0..turns {
         let (status, body) = post_message(addr, chat, token, &format!("turn {t}")).await;
         assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
@@ -45,7 +55,10 @@ async fn catch_up_matches_coderd_and_reads_nothing_when_warm() {
         let want = direct.events_for(Duration::from_millis(400)).await;
         let got = cached.events_for(Duration::from_millis(400)).await;
         assert_eq!(got, want, "after_id={after}");
-        assert_eq!(cached.frames, direct.frames, "frames byte for byte, after_id={after}");
+        assert_eq!(
+            cached.frames, direct.frames,
+            "frames byte for byte, after_id={after}"
+        );
     }
     let reads = metric(admin, "chatcache_db_reads_total{reason=\"repair\"}").await
         + metric(admin, "chatcache_db_reads_total{reason=\"below_floor\"}").await;
@@ -56,7 +69,9 @@ async fn catch_up_matches_coderd_and_reads_nothing_when_warm() {
     for i in 0..100 {
         let after = ids[i % ids.len()];
         let mut s = subscribe(side.addr, chat, after, token).await;
-        let got = s.until(WAIT, |ev| message_ids(ev).last() == ids.last()).await;
+        let got = s
+            .until(WAIT, |ev| message_ids(ev).last() == ids.last())
+            .await;
         let want: Vec<i64> = ids.iter().copied().filter(|&id| id > after).collect();
         assert_eq!(message_ids(&got), want);
     }
@@ -80,10 +95,18 @@ async fn live_turns_and_edits_reach_every_subscriber() {
     let mut cached = subscribe(side.addr, chat, 0, token).await;
     run_turns(side.addr, &pg, chat, token, 3).await;
     let ids = db_ids(&pg, chat).await;
-    let got = cached.until(WAIT, |ev| message_ids(ev).last() == ids.last()).await;
-    let want = direct.until(WAIT, |ev| message_ids(ev).last() == ids.last()).await;
+    let got = cached
+        .until(WAIT, |ev| message_ids(ev).last() == ids.last())
+        .await;
+    let want = direct
+        .until(WAIT, |ev| message_ids(ev).last() == ids.last())
+        .await;
     assert_eq!(message_ids(&got), ids);
-    assert_eq!(messages(&got), messages(&want), "message JSON equal to coderd's");
+    assert_eq!(
+        messages(&got),
+        messages(&want),
+        "message JSON equal to coderd's"
+    );
     let parts = |ev: &[Value]| ev.iter().filter(|e| e["type"] == "message_part").count();
     assert_eq!(parts(&got), parts(&want), "every part relayed");
     assert!(parts(&got) >= 9);
@@ -92,13 +115,24 @@ async fn live_turns_and_edits_reach_every_subscriber() {
     let first_user = ids[0];
     let body = serde_json::json!({"content": [{"type": "text", "text": "edited"}]}).to_string();
     let path = format!("/api/experimental/chats/{chat}/messages/{first_user}");
-    let (status, _, resp) = http(side.addr, "PATCH", &path, &[("Coder-Session-Token", token)], &body).await;
+    let (status, _, resp) = http(
+        side.addr,
+        "PATCH",
+        &path,
+        &[("Coder-Session-Token", token)],
+        &body,
+    )
+    .await;
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&resp));
     wait_idle(&pg, chat).await;
     let after_edit = db_ids(&pg, chat).await;
     assert!(after_edit.len() < ids.len() + 2, "{after_edit:?}");
-    let got = cached.until(WAIT, |ev| message_ids(ev).last() == after_edit.last()).await;
-    let want = direct.until(WAIT, |ev| message_ids(ev).last() == after_edit.last()).await;
+    let got = cached
+        .until(WAIT, |ev| message_ids(ev).last() == after_edit.last())
+        .await;
+    let want = direct
+        .until(WAIT, |ev| message_ids(ev).last() == after_edit.last())
+        .await;
     // After the replay the client's view (ids from the last replay start) is the new history.
     let tail = |ev: &[Value]| {
         let ids = message_ids(ev);
@@ -110,7 +144,9 @@ async fn live_turns_and_edits_reach_every_subscriber() {
 
     // A reconnect after the edit is served from memory with the new history.
     let mut late = subscribe(side.addr, chat, 0, token).await;
-    let got = late.until(WAIT, |ev| message_ids(ev).last() == after_edit.last()).await;
+    let got = late
+        .until(WAIT, |ev| message_ids(ev).last() == after_edit.last())
+        .await;
     assert_eq!(message_ids(&got), after_edit);
 }
 
@@ -125,19 +161,41 @@ async fn cold_subscribers_share_one_load_and_below_floor_reads_once() {
     let ids = db_ids(&pg, chat).await;
     let side = start_sidecar(&db, sim.addr, "[cache]\nmax_messages_per_chat = 3\n").await;
     let admin = side.admin.unwrap();
-    let reads_before = metric(sim.addr, "coderd_sim_message_reads_total{caller=\"stream_snapshot\"}").await;
+    let reads_before = metric(
+        sim.addr,
+        "coderd_sim_message_reads_total{caller=\"stream_snapshot\"}",
+    )
+    .await;
 
-    let subs = futures_util::future::join_all((0..20).map(|_| subscribe(side.addr, chat, ids[ids.len() - 2], token))).await;
+    let subs = futures_util::future::join_all(
+        (0..20).map(|_| subscribe(side.addr, chat, ids[ids.len() - 2], token)),
+    )
+    .await;
     for mut s in subs {
-        let got = s.until(WAIT, |ev| message_ids(ev).last() == ids.last()).await;
+        let got = s
+            .until(WAIT, |ev| message_ids(ev).last() == ids.last())
+            .await;
         assert_eq!(message_ids(&got), vec![ids[ids.len() - 1]]);
     }
-    let reads_after = metric(sim.addr, "coderd_sim_message_reads_total{caller=\"stream_snapshot\"}").await;
-    assert_eq!(reads_after - reads_before, 1.0, "20 cold subscribers, one snapshot read");
+    let reads_after = metric(
+        sim.addr,
+        "coderd_sim_message_reads_total{caller=\"stream_snapshot\"}",
+    )
+    .await;
+    assert_eq!(
+        reads_after - reads_before,
+        1.0,
+        "20 cold subscribers, one snapshot read"
+    );
 
     // The ring keeps 3 messages; asking for everything reads Postgres exactly once.
     let mut s = subscribe(side.addr, chat, 0, token).await;
-    let got = s.until(WAIT, |ev| message_ids(ev).last() == ids.last()).await;
+    let got = s
+        .until(WAIT, |ev| message_ids(ev).last() == ids.last())
+        .await;
     assert_eq!(message_ids(&got), ids);
-    assert_eq!(metric(admin, "chatcache_db_reads_total{reason=\"below_floor\"}").await, 1.0);
+    assert_eq!(
+        metric(admin, "chatcache_db_reads_total{reason=\"below_floor\"}").await,
+        1.0
+    );
 }

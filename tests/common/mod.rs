@@ -26,7 +26,10 @@ impl Scratch {
     pub async fn new() -> Self {
         let name = format!("chatcache_test_{:016x}", rand::random::<u64>());
         let admin = connect(&format!("{PG}/postgres")).await;
-        admin.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("create db");
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("create db");
         let url = format!("{PG}/{name}");
         run_sim(&["migrate", "--database-url", &url]);
         Self { name, url }
@@ -41,10 +44,15 @@ impl Drop for Scratch {
     fn drop(&mut self) {
         let name = self.name.clone();
         let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
             rt.block_on(async {
                 let admin = connect(&format!("{PG}/postgres")).await;
-                let _ = admin.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await;
+                let _ = admin
+                    .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .await;
             });
         })
         .join();
@@ -52,7 +60,9 @@ impl Drop for Scratch {
 }
 
 pub async fn connect(url: &str) -> tokio_postgres::Client {
-    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.expect("pg");
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("pg");
     tokio::spawn(conn);
     client
 }
@@ -65,12 +75,19 @@ pub fn sim_bin() -> PathBuf {
         dir.pop();
     }
     let bin = dir.join("coderd-sim");
-    assert!(bin.exists(), "{} missing: run `cargo build --workspace --bins` first", bin.display());
+    assert!(
+        bin.exists(),
+        "{} missing: run `cargo build --workspace --bins` first",
+        bin.display()
+    );
     bin
 }
 
 pub fn run_sim(args: &[&str]) {
-    let status = Command::new(sim_bin()).args(args).status().expect("run coderd-sim");
+    let status = Command::new(sim_bin())
+        .args(args)
+        .status()
+        .expect("run coderd-sim");
     assert!(status.success(), "coderd-sim {args:?} failed");
 }
 
@@ -86,7 +103,17 @@ pub fn seed(db: &Scratch, users: usize, chats_per_user: usize) -> Vec<User> {
     let out = std::env::temp_dir().join(format!("{}.seed.json", db.name));
     let (u, c) = (users.to_string(), chats_per_user.to_string());
     let out_s = out.to_str().unwrap();
-    run_sim(&["seed", "--database-url", &db.url, "--users", &u, "--chats-per-user", &c, "--out", out_s]);
+    run_sim(&[
+        "seed",
+        "--database-url",
+        &db.url,
+        "--users",
+        &u,
+        "--chats-per-user",
+        &c,
+        "--out",
+        out_s,
+    ]);
     let v: Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
     let _ = std::fs::remove_file(&out);
     v["users"]
@@ -96,7 +123,12 @@ pub fn seed(db: &Scratch, users: usize, chats_per_user: usize) -> Vec<User> {
         .map(|u| User {
             id: u["id"].as_str().unwrap().into(),
             token: u["token"].as_str().unwrap().into(),
-            chats: u["chats"].as_array().unwrap().iter().map(|c| c.as_str().unwrap().into()).collect(),
+            chats: u["chats"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| c.as_str().unwrap().into())
+                .collect(),
         })
         .collect()
 }
@@ -122,7 +154,10 @@ impl Proc {
 
     /// Sends a signal (by number) to the process.
     pub fn signal(&self, sig: i32) {
-        let _ = Command::new("kill").arg(format!("-{sig}")).arg(self.child.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status();
     }
 }
 
@@ -140,14 +175,24 @@ pub async fn wait_port(addr: SocketAddr) {
 }
 
 fn quiet() -> Stdio {
-    if std::env::var_os("TEST_LOGS").is_some() { Stdio::inherit() } else { Stdio::null() }
+    if std::env::var_os("TEST_LOGS").is_some() {
+        Stdio::inherit()
+    } else {
+        Stdio::null()
+    }
 }
 
 /// Starts one coderd-sim replica.
 pub async fn start_sim(db: &Scratch, replica: &str, extra: &[&str]) -> Proc {
     let addr = free_addr();
     let child = Command::new(sim_bin())
-        .args(["serve", "--listen", &addr.to_string(), "--database-url", &db.url])
+        .args([
+            "serve",
+            "--listen",
+            &addr.to_string(),
+            "--database-url",
+            &db.url,
+        ])
         .args(["--replica", replica])
         .args(extra)
         .stdout(quiet())
@@ -155,7 +200,11 @@ pub async fn start_sim(db: &Scratch, replica: &str, extra: &[&str]) -> Proc {
         .spawn()
         .expect("spawn coderd-sim");
     wait_port(addr).await;
-    Proc { child, addr, admin: None }
+    Proc {
+        child,
+        addr,
+        admin: None,
+    }
 }
 
 /// Starts a chatcache in front of `upstream` with a written config file plus `extra` TOML.
@@ -163,7 +212,12 @@ pub async fn start_sidecar(db: &Scratch, upstream: SocketAddr, extra: &str) -> P
     start_sidecar_at(db, upstream, extra, free_addr()).await
 }
 
-pub async fn start_sidecar_at(db: &Scratch, upstream: SocketAddr, extra: &str, addr: SocketAddr) -> Proc {
+pub async fn start_sidecar_at(
+    db: &Scratch,
+    upstream: SocketAddr,
+    extra: &str,
+    addr: SocketAddr,
+) -> Proc {
     let admin = free_addr();
     let path = std::env::temp_dir().join(format!("chatcache-{}-{}.toml", db.name, addr.port()));
     let config = format!(
@@ -180,7 +234,11 @@ pub async fn start_sidecar_at(db: &Scratch, upstream: SocketAddr, extra: &str, a
         .expect("spawn chatcache");
     wait_port(addr).await;
     wait_port(admin).await;
-    let p = Proc { child, addr, admin: Some(admin) };
+    let p = Proc {
+        child,
+        addr,
+        admin: Some(admin),
+    };
     // Ready means LISTEN and the pool are up, so the first stream is served, not failed open.
     let deadline = Instant::now() + Duration::from_secs(20);
     while http(admin, "GET", "/ready", &[], "").await.0 != 200 {
@@ -203,16 +261,25 @@ pub async fn http(
         req.push_str(&format!("{k}: {v}\r\n"));
     }
     if !body.is_empty() || method == "POST" || method == "PATCH" {
-        req.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n", body.len()));
+        req.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        ));
     }
     req.push_str("\r\n");
     req.push_str(body);
     let raw = raw_exchange(addr, req.as_bytes()).await;
-    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("response head");
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("response head");
     let head = String::from_utf8_lossy(&raw[..split]).to_string();
     let status = head.split(' ').nth(1).unwrap().parse().unwrap();
     let mut body = raw[split + 4..].to_vec();
-    if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
         body = dechunk(&body);
     }
     (status, head, body)
@@ -229,8 +296,11 @@ pub async fn raw_exchange(addr: SocketAddr, bytes: &[u8]) -> Vec<u8> {
 fn dechunk(mut b: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     loop {
-        let Some(nl) = b.windows(2).position(|w| w == b"\r\n") else { return out };
-        let size = usize::from_str_radix(std::str::from_utf8(&b[..nl]).unwrap().trim(), 16).unwrap_or(0);
+        let Some(nl) = b.windows(2).position(|w| w == b"\r\n") else {
+            return out;
+        };
+        let size =
+            usize::from_str_radix(std::str::from_utf8(&b[..nl]).unwrap().trim(), 16).unwrap_or(0);
         if size == 0 {
             return out;
         }
@@ -248,9 +318,14 @@ pub struct Sub {
 }
 
 pub async fn subscribe(addr: SocketAddr, chat: &str, after_id: i64, token: &str) -> Sub {
-    try_subscribe(addr, chat, &format!("after_id={after_id}"), &[("Coder-Session-Token", token)])
-        .await
-        .expect("subscribe")
+    try_subscribe(
+        addr,
+        chat,
+        &format!("after_id={after_id}"),
+        &[("Coder-Session-Token", token)],
+    )
+    .await
+    .expect("subscribe")
 }
 
 pub async fn try_subscribe(
@@ -268,7 +343,11 @@ pub async fn try_subscribe(
         );
     }
     match tokio_tungstenite::connect_async(req).await {
-        Ok((ws, _)) => Ok(Sub { ws, framing: "envelope", frames: Vec::new() }),
+        Ok((ws, _)) => Ok(Sub {
+            ws,
+            framing: "envelope",
+            frames: Vec::new(),
+        }),
         Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
             let status = resp.status().as_u16();
             Err((status, resp.into_body().unwrap_or_default()))
@@ -330,7 +409,11 @@ pub fn decode_frame(text: &str) -> Vec<Value> {
 }
 
 pub fn message_ids(events: &[Value]) -> Vec<i64> {
-    events.iter().filter(|e| e["type"] == "message").map(|e| e["message"]["id"].as_i64().unwrap()).collect()
+    events
+        .iter()
+        .filter(|e| e["type"] == "message")
+        .map(|e| e["message"]["id"].as_i64().unwrap())
+        .collect()
 }
 
 /// Visible message ids of a chat, as Postgres holds them.
@@ -352,7 +435,14 @@ pub async fn db_ids(db: &tokio_postgres::Client, chat: &str) -> Vec<i64> {
 pub async fn post_message(addr: SocketAddr, chat: &str, token: &str, text: &str) -> (u16, Vec<u8>) {
     let body = serde_json::json!({"content": [{"type": "text", "text": text}]}).to_string();
     let path = format!("/api/experimental/chats/{chat}/messages");
-    let (status, _, body) = http(addr, "POST", &path, &[("Coder-Session-Token", token)], &body).await;
+    let (status, _, body) = http(
+        addr,
+        "POST",
+        &path,
+        &[("Coder-Session-Token", token)],
+        &body,
+    )
+    .await;
     (status, body)
 }
 
@@ -373,7 +463,10 @@ pub async fn wait_idle(db: &tokio_postgres::Client, chat: &str) {
         if status == "waiting" && queued == 0 {
             return;
         }
-        assert!(Instant::now() < deadline, "chat never went idle ({status}, {queued} queued)");
+        assert!(
+            Instant::now() < deadline,
+            "chat never went idle ({status}, {queued} queued)"
+        );
         tokio::time::sleep(Duration::from_millis(30)).await;
     }
 }
