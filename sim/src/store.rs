@@ -284,8 +284,8 @@ pub async fn clear_queue(c: &impl GenericClient, chat_id: Uuid) -> Result<(), Db
     Ok(())
 }
 
-/// `AcquireChats`: claims up to `limit` pending chats for this worker, skipping chats another
-/// transaction holds, and returns their ids.
+/// `AcquireChats`: claims up to `limit` pending chats (and running chats whose worker stopped
+/// heartbeating 5 minutes ago) for this worker, skipping chats another transaction holds.
 pub async fn acquire_chats(
     c: &impl GenericClient,
     worker_id: Uuid,
@@ -295,7 +295,8 @@ pub async fn acquire_chats(
         .query(
             "UPDATE chats SET status = 'running', worker_id = $1, started_at = now(), \
              heartbeat_at = now(), updated_at = now() WHERE id IN (SELECT id FROM chats \
-             WHERE status = 'pending' ORDER BY updated_at LIMIT $2 FOR UPDATE SKIP LOCKED) \
+             WHERE status = 'pending' OR (status = 'running' AND heartbeat_at < now() - \
+             interval '5 minutes') ORDER BY updated_at LIMIT $2 FOR UPDATE SKIP LOCKED) \
              RETURNING id",
             &[&worker_id, &limit],
         )
