@@ -33,6 +33,8 @@ passed=0
 failed=0
 pass() { passed=$((passed + 1)); echo "PASS $*"; }
 fail() { failed=$((failed + 1)); echo "FAIL $*"; }
+# Prints a tool's output under the failure it explains, indented.
+show() { local line; while IFS= read -r line; do echo "    $line"; done <<<"$1"; }
 
 # --- Tools ---------------------------------------------------------------------------------
 
@@ -74,7 +76,8 @@ EOF
 install_validator() {
     local venv="$TOOLS/venv"
     local stamp="$venv/.helm-check-$VALIDATE_PKG"
-    if [[ -f "$stamp" ]] && "$venv/bin/python" -c 'import kubernetes_validate, yaml' 2>/dev/null; then
+    if [[ -f "$stamp" ]] \
+        && "$venv/bin/python" -c 'import kubernetes_validate, yaml' 2>/dev/null; then
         return
     fi
     echo "helm-check: installing $VALIDATE_PKG into $venv"
@@ -135,19 +138,19 @@ for values in "${variant_files[@]}"; do
     if out="$("$HELM" lint --strict --kube-version "$KUBE_MIN" "$CHART" "${args[@]}" 2>&1)"; then
         pass "$name: helm lint --strict"
     else
-        fail "$name: helm lint --strict"; echo "$out" | sed 's/^/    /'
+        fail "$name: helm lint --strict"; show "$out"
     fi
     for kube in "$KUBE_MIN" "$KUBE_MAX"; do
         if out="$("$HELM" template chatcache "$CHART" --namespace coder --kube-version "$kube" \
             "${args[@]}" 2>&1 >"$WORK/render/$name.yaml")"; then
             pass "$name: helm template (Kubernetes $kube)"
         else
-            fail "$name: helm template (Kubernetes $kube)"; echo "$out" | sed 's/^/    /'
+            fail "$name: helm template (Kubernetes $kube)"; show "$out"
         fi
     done
     if "$HELM" template chatcache "$NOTES_CHART" --namespace coder --kube-version "$KUBE_MIN" \
         "${args[@]}" --show-only templates/zz-notes.yaml 2>"$WORK/notes-err" \
-        | "$PY" -c 'import sys, yaml; sys.stdout.write(yaml.safe_load(sys.stdin)["data"]["NOTES.txt"])' \
+        | "$PY" -c 'import sys, yaml; print(yaml.safe_load(sys.stdin)["data"]["NOTES.txt"], end="")' \
             >"$WORK/notes/$name.txt"; then
         pass "$name: NOTES.txt renders"
     else
@@ -179,7 +182,7 @@ if out="$("$HELM" package "$CHART" --destination "$WORK/package" 2>&1)"; then
         fail "package: the packaged chart renders the dashboard ConfigMap"
     fi
 else
-    fail "package: helm package"; echo "$out" | sed 's/^/    /'
+    fail "package: helm package"; show "$out"
 fi
 
 # --- Values that must be refused -----------------------------------------------------------
@@ -192,7 +195,7 @@ for values in "$ROOT"/helm/tests/bad/*.yaml; do
     elif grep -qF -- "$expect" <<<"$out"; then
         pass "refuses $name"
     else
-        fail "refuses $name: error does not mention '$expect'"; echo "$out" | sed 's/^/    /'
+        fail "refuses $name: error does not mention '$expect'"; show "$out"
     fi
 done
 if out="$("$HELM" template chatcache "$CHART" --kube-version 1.28.9 2>&1)"; then
@@ -200,7 +203,7 @@ if out="$("$HELM" template chatcache "$CHART" --kube-version 1.28.9 2>&1)"; then
 elif grep -q "kubeVersion" <<<"$out"; then
     pass "refuses Kubernetes 1.28 (no native sidecars by default)"
 else
-    fail "refuses Kubernetes 1.28: unexpected error"; echo "$out" | sed 's/^/    /'
+    fail "refuses Kubernetes 1.28: unexpected error"; show "$out"
 fi
 
 # --- The named templates from a parent chart -----------------------------------------------
@@ -212,7 +215,7 @@ cp -r "$CHART" "$WRAPPER/charts/chatcache"
 if out="$("$HELM" lint --strict --kube-version "$KUBE_MIN" "$WRAPPER" 2>&1)"; then
     pass "wrapper: helm lint --strict"
 else
-    fail "wrapper: helm lint --strict"; echo "$out" | sed 's/^/    /'
+    fail "wrapper: helm lint --strict"; show "$out"
 fi
 for mode in native plain file; do
     case "$mode" in
@@ -224,7 +227,7 @@ for mode in native plain file; do
         --show-only templates/deployment.yaml 2>&1 >"$WORK/wrapper/$mode.yaml")"; then
         pass "wrapper $mode: helm template"
     else
-        fail "wrapper $mode: helm template"; echo "$out" | sed 's/^/    /'
+        fail "wrapper $mode: helm template"; show "$out"
     fi
 done
 

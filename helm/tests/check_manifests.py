@@ -1,4 +1,4 @@
-"""Checks what scripts/helm-check.sh rendered: schemas, cross-references, the example, the dashboard.
+"""Checks what scripts/helm-check.sh rendered: schemas, cross-references, example, dashboard.
 
 helm-check.sh renders the chart (one file per value variant), the NOTES of each variant, and
 the wrapper chart, into a work directory, then runs this file with the Python that has
@@ -387,7 +387,8 @@ def check_dashboard(path):
         g = p["gridPos"]
         assert g["x"] >= 0 and g["w"] > 0 and g["x"] + g["w"] <= 24, f"{p['title']} off the grid"
         for (x, y, w, h, t) in rects:
-            overlap = (g["x"] < x + w and x < g["x"] + g["w"] and g["y"] < y + h and y < g["y"] + g["h"])
+            overlap = (g["x"] < x + w and x < g["x"] + g["w"]
+                       and g["y"] < y + h and y < g["y"] + g["h"])
             assert not overlap, f"panels {t!r} and {p['title']!r} overlap"
         rects.append((g["x"], g["y"], g["w"], g["h"], p["title"]))
     queried = [p for p in panels if p["type"] != "row"]
@@ -560,7 +561,8 @@ def main():
             digest = hashlib.sha256(toml_text.encode()).hexdigest()
             got = coder["podAnnotations"]["chatcache/config-checksum"]
             r.check(f"{name}: NOTES checksum is config.toml's", got == digest, f"{got} != {digest}")
-            coderd = {"name": "coder", "image": "coder", "env": CODER_FIXED_ENV + coder.get("env", [])}
+            coderd = {"name": "coder", "image": "coder",
+                      "env": CODER_FIXED_ENV + coder.get("env", [])}
             pod = (pod_with([c], [coderd], coder["volumes"]) if native
                    else pod_with([], [coderd, c], coder["volumes"]))
             r.run(f"{name}: NOTES block as a Pod schema", validate_k8s, pod, versions)
@@ -660,7 +662,8 @@ def main():
         with open(dash_path) as f:
             used = set(re.findall(r"\b(chatcache_[a-z_]+)\b", f.read()))
         assert exported, "no chatcache_ metric names found in src/metrics.rs"
-        assert not used - exported, f"dashboard queries what chatcache does not export: {used - exported}"
+        assert not used - exported, \
+            f"dashboard queries what chatcache does not export: {used - exported}"
         assert not exported - used, f"exported but on no panel: {exported - used}"
     if os.path.exists(os.path.join(args.root, "src", "metrics.rs")):
         r.run("dashboard: metric names match src/metrics.rs", dashboard_matches_binary)
