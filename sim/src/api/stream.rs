@@ -20,6 +20,7 @@ use super::response::{self, HttpResponse};
 use crate::gojson;
 use crate::replica::Replica;
 use crate::store;
+use crate::stream::relay::RELAY_SOURCE_HEADER;
 use crate::stream::socket::{OneWaySocket, ServerSocket};
 use crate::stream::subscribe::subscribe;
 use crate::wire::event::{frame, StreamEvent};
@@ -43,6 +44,12 @@ pub fn stream(replica: Arc<Replica>, chat_id: Uuid, mut req: Request<Incoming>) 
         Err(rejection) => return rejection,
     };
     let headers = req.headers().clone();
+    if let Some(source) = headers
+        .get(RELAY_SOURCE_HEADER)
+        .and_then(|v| v.to_str().ok())
+    {
+        tracing::debug!(chat.id = %chat_id, relay.source = source, "relay stream opened");
+    }
     tokio::spawn(async move {
         let Some(ws) = upgraded(on_upgrade).await else {
             return;
