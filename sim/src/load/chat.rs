@@ -151,7 +151,7 @@ impl ChatDriver {
         let sent = match edited {
             Some(message_id) => {
                 for state in &self.subscribers {
-                    lock(state).ledger.expect_replay();
+                    lock(state).ledger.expect_replay(message_id);
                 }
                 let text = format!("edited in turn {k} of chat {chat_id}");
                 let token = &self.chat.owner_token;

@@ -4,6 +4,20 @@
 //! held id is appended. Anything else is a fault, except the replay that follows an edit: after a
 //! full refresh coderd resends the chat's whole visible history from the start, with no marker
 //! (protocol doc 8.2 step 6), so the client starts over.
+//!
+//! # When a replay starts
+//!
+//! While chatload edits a chat, the first message at or below the newest held id starts the
+//! replay: the held list is cleared and restarted with it. Messages above the newest held id are
+//! appended as usual until then, because coderd may deliver the replacement message *before*
+//! the refresh: a notify of the previous turn that arrives late makes the subscriber read
+//! `id > cursor`, which by then includes the replacement. Two refinements keep that race from
+//! looking like a fault:
+//!
+//! * When nothing held is older than the edited message (it was the chat's first visible one),
+//!   the refresh begins with the replacement, above everything held, so any message starts it.
+//! * A replay may restart once more when its first message arrives again: the refresh after a
+//!   late delivery, or a refresh on top of a reconnect that already asked for everything.
 
 use std::time::{Duration, Instant};
 
@@ -50,10 +64,10 @@ pub enum Receipt {
 enum Replay {
     /// No edit this turn.
     Idle,
-    /// chatload is editing the chat; the next message begins coderd's full-refresh replay.
-    Awaited,
-    /// The replay has begun; later messages follow the normal rules.
-    Started,
+    /// chatload is editing message `edited_id`; the full-refresh replay has not begun.
+    Awaited { edited_id: i64 },
+    /// The replay began with message `first_id`; `may_restart` while it has not restarted yet.
+    Started { first_id: i64, may_restart: bool },
 }
 
 /// The messages one subscriber holds and the faults seen so far.
@@ -100,19 +114,15 @@ impl Ledger {
     /// Whether an edit replay is expected but has not begun; a reconnect then asks for the whole
     /// history (after_id 0), since coderd does not tell a reconnecting client about soft-deletes.
     pub fn awaits_replay(&self) -> bool {
-        self.replay == Replay::Awaited
+        matches!(self.replay, Replay::Awaited { .. })
     }
 
-    /// chatload is about to edit the chat: the next message starts the full-refresh replay.
-    pub fn expect_replay(&mut self) {
-        self.replay = Replay::Awaited;
+    /// chatload is about to edit message `edited_id`: a full-refresh replay is coming.
+    pub fn expect_replay(&mut self, edited_id: i64) {
+        self.replay = Replay::Awaited { edited_id };
     }
 
     /// Applies one `message` event for a message in `event_chat`.
-    ///
-    /// While a replay is awaited, *any* message starts it, not only one at or below the newest
-    /// held id: when the edited message was the chat's first visible one, the replay begins
-    /// with the replacement, whose id is above everything held.
     pub fn receive(&mut self, event_chat: Option<Uuid>, message: &MessageHead) -> Receipt {
         self.messages += 1;
         if event_chat != Some(self.chat_id) || message.chat_id != Some(self.chat_id) {
@@ -121,12 +131,28 @@ impl Ledger {
         }
 
         let id = message.id;
-        if self.replay == Replay::Awaited {
-            self.replay = Replay::Started;
+        let at_or_below_newest = id <= self.last_id();
+        let starts_replay = match self.replay {
+            Replay::Idle => false,
+            Replay::Awaited { edited_id } => {
+                at_or_below_newest || self.held.first().is_none_or(|first| *first >= edited_id)
+            }
+            Replay::Started {
+                first_id,
+                may_restart,
+            } => may_restart && id == first_id && at_or_below_newest,
+        };
+        if starts_replay {
+            let may_restart = matches!(self.replay, Replay::Awaited { .. });
+            self.replay = Replay::Started {
+                first_id: id,
+                may_restart,
+            };
             self.held.clear();
             self.held.push(id);
             return Receipt::ReplayStarted;
         }
+
         if id > self.last_id() {
             self.held.push(id);
             return Receipt::Appended;
@@ -258,7 +284,7 @@ mod tests {
         let mut ledger = Ledger::new(chat());
         take(&mut ledger, &[1000, 1001, 1002, 1003]);
 
-        ledger.expect_replay();
+        ledger.expect_replay(1002);
         assert!(ledger.awaits_replay());
         let receipts = take(&mut ledger, &[1000, 1001, 1004, 1005]);
         assert_eq!(receipts[0], Receipt::ReplayStarted);
@@ -272,21 +298,52 @@ mod tests {
     }
 
     #[test]
+    fn replacement_delivered_before_the_refresh() {
+        // A late notify of the previous turn made the server read 1004 before the refresh.
+        let mut ledger = Ledger::new(chat());
+        take(&mut ledger, &[1000, 1001, 1002, 1003]);
+        ledger.expect_replay(1002);
+        let receipts = take(&mut ledger, &[1004, 1000, 1001, 1004]);
+        assert_eq!(receipts[0], Receipt::Appended);
+        assert_eq!(receipts[1], Receipt::ReplayStarted);
+        assert_eq!(ledger.reconcile(&[1000, 1001, 1004]), Faults::default());
+    }
+
+    #[test]
     fn replay_may_begin_with_the_replacement() {
         // The edited message 1000 was the first visible one: the replay starts at 1002.
         let mut ledger = Ledger::new(chat());
         take(&mut ledger, &[1000, 1001]);
-        ledger.expect_replay();
+        ledger.expect_replay(1000);
         assert_eq!(take(&mut ledger, &[1002]), [Receipt::ReplayStarted]);
-        assert_eq!(ledger.reconcile(&[1002]), Faults::default());
+        assert_eq!(take(&mut ledger, &[1003]), [Receipt::Appended]);
+        assert_eq!(ledger.reconcile(&[1002, 1003]), Faults::default());
     }
 
     #[test]
-    fn a_second_replay_in_one_turn_is_duplicated() {
+    fn replay_restarts_once_when_its_first_message_returns() {
+        // The replacement 1002 came early, then the refresh resent it.
+        let mut ledger = Ledger::new(chat());
+        take(&mut ledger, &[1000, 1001]);
+        ledger.expect_replay(1000);
+        assert_eq!(
+            take(&mut ledger, &[1002, 1002]),
+            [Receipt::ReplayStarted; 2]
+        );
+        assert_eq!(take(&mut ledger, &[1002]), [Receipt::Duplicated]);
+        assert_eq!(ledger.faults().duplicated, 1);
+    }
+
+    #[test]
+    fn a_third_copy_of_the_history_is_duplicated() {
         let mut ledger = Ledger::new(chat());
         take(&mut ledger, &[1000, 1001, 1002]);
-        ledger.expect_replay();
+        ledger.expect_replay(1002);
         take(&mut ledger, &[1000, 1003]);
+        assert_eq!(
+            take(&mut ledger, &[1000, 1003]),
+            [Receipt::ReplayStarted, Receipt::Appended]
+        );
         assert_eq!(take(&mut ledger, &[1000, 1003]), [Receipt::Duplicated; 2]);
         assert_eq!(ledger.faults().duplicated, 2);
     }
@@ -330,7 +387,7 @@ mod tests {
         // No replay arrived after an edit: 1002 and 1003 were soft-deleted.
         let mut ledger = Ledger::new(chat());
         take(&mut ledger, &[1000, 1001, 1002, 1003]);
-        ledger.expect_replay();
+        ledger.expect_replay(1002);
         let found = ledger.reconcile(&[1000, 1001, 1004]);
         assert_eq!((found.lost, found.foreign), (1, 2));
         assert!(!ledger.awaits_replay());
