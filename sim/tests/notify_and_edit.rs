@@ -74,7 +74,10 @@ async fn a_turn_and_an_edit_publish_coderds_payloads() {
     assert_eq!(message_ids(&events), vec![edited_id, edited_id + 1]);
     let queue_updates = of_type(&events, "queue_update");
     assert_eq!(queue_updates.len(), 1);
-    assert!(queue_updates[0].get("queued_messages").is_none(), "the edit emptied the queue");
+    assert!(
+        queue_updates[0].get("queued_messages").is_none(),
+        "the edit emptied the queue"
+    );
 
     let page = api(
         &sim.addr,
