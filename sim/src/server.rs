@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::Duration;
 
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -47,7 +48,7 @@ pub fn parse_peers(spec: &str) -> Result<HashMap<uuid::Uuid, Peer>, ServeError> 
     Ok(peers)
 }
 
-/// Starts the replica and serves until the process is stopped.
+/// Starts the replica and serves until Ctrl-C or SIGTERM.
 pub async fn serve(
     listen: &str,
     database_url: &str,
@@ -83,8 +84,14 @@ pub async fn serve(
         framing = ?replica.settings.framing, stream_cache = replica.settings.stream_cache,
         "replica serving");
 
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
     loop {
-        let (stream, peer) = match tcp.accept().await {
+        let accepted = tokio::select! {
+            accepted = tcp.accept() => accepted,
+            () = &mut shutdown => break,
+        };
+        let (stream, peer) = match accepted {
             Ok(accepted) => accepted,
             Err(e) => {
                 tracing::warn!(error = %e, "accept failed");
@@ -104,5 +111,32 @@ pub async fn serve(
                 tracing::debug!(client.addr = %peer, error = %e, "connection ended with error");
             }
         });
+    }
+
+    // Give the batcher two flush intervals, so notifies of writes that already committed
+    // still go out (coderd flushes its batch on shutdown too).
+    tracing::info!(replica = %name, "replica stopping");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    Ok(())
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(_) => return std::future::pending().await,
+            };
+        tokio::select! {
+            _ = interrupt => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = interrupt.await;
     }
 }
