@@ -3,6 +3,10 @@
 //! Order of checks as in coderd's middleware chain: authentication, then the `{chat}` path
 //! parameter (400 for a bad UUID, 404 for a missing or foreign chat), then the handler.
 
+// A rejection is the whole HTTP response, built at most once per request, so its size on the
+// error path does not matter; boxing it would only add noise.
+#![allow(clippy::result_large_err)]
+
 mod auth;
 pub mod chats;
 mod messages;
@@ -97,7 +101,7 @@ async fn chat_route(
         (&Method::POST, ["queue", id, "promote"]) => {
             messages::promote(&replica, user_id, &chat, id).await
         }
-        (&Method::GET, ["stream"]) => stream::stream(replica, chat.id, req),
+        (&Method::GET, ["stream"]) => stream::stream(replica, chat.id, req).await,
         _ => response::route_not_found(),
     }
 }

@@ -24,11 +24,18 @@ use crate::stream::relay::RELAY_SOURCE_HEADER;
 use crate::stream::socket::{OneWaySocket, ServerSocket};
 use crate::stream::subscribe::subscribe;
 use crate::wire::event::{frame, StreamEvent};
+use crate::wire::Framing;
 
 /// `chatStreamBatchSize`: events per WebSocket message.
 pub const BATCH_SIZE: usize = 256;
 
-pub fn stream(replica: Arc<Replica>, chat_id: Uuid, mut req: Request<Incoming>) -> HttpResponse {
+/// The stream handler. The target (envelope) upgrades first and subscribes afterwards; the
+/// array era (PR #24148) subscribes before the upgrade.
+pub async fn stream(
+    replica: Arc<Replica>,
+    chat_id: Uuid,
+    mut req: Request<Incoming>,
+) -> HttpResponse {
     let after_id = match query::get(req.uri().query(), "after_id").filter(|v| !v.is_empty()) {
         None => 0,
         Some(raw) => match gojson::parse_int64(&raw) {
@@ -39,10 +46,6 @@ pub fn stream(replica: Arc<Replica>, chat_id: Uuid, mut req: Request<Incoming>) 
             }
         },
     };
-    let (accepted, on_upgrade) = match accept(&mut req) {
-        Ok(upgrade) => upgrade,
-        Err(rejection) => return rejection,
-    };
     let headers = req.headers().clone();
     if let Some(source) = headers
         .get(RELAY_SOURCE_HEADER)
@@ -50,13 +53,24 @@ pub fn stream(replica: Arc<Replica>, chat_id: Uuid, mut req: Request<Incoming>) 
     {
         tracing::debug!(chat.id = %chat_id, relay.source = source, "relay stream opened");
     }
+    let framing = replica.settings.framing;
+    let early = match framing {
+        Framing::Array => Some(subscribe(replica.clone(), chat_id, &headers, after_id).await),
+        Framing::Envelope => None,
+    };
+    let (accepted, on_upgrade) = match accept(&mut req) {
+        Ok(upgrade) => upgrade,
+        Err(rejection) => return rejection,
+    };
     tokio::spawn(async move {
         let Some(ws) = upgraded(on_upgrade).await else {
             return;
         };
-        let framing = replica.settings.framing;
         let mut socket = OneWaySocket::new(ws, framing);
-        let subscribed = subscribe(replica.clone(), chat_id, &headers, after_id).await;
+        let subscribed = match early {
+            Some(subscribed) => subscribed,
+            None => subscribe(replica.clone(), chat_id, &headers, after_id).await,
+        };
         tracing::debug!(chat.id = %chat_id, after_id, snapshot = subscribed.snapshot.len(),
             "stream subscribed");
         mark_read(&replica, chat_id).await;
@@ -71,7 +85,7 @@ async fn write_stream(
     socket: &mut OneWaySocket,
     snapshot: Vec<StreamEvent>,
     mut events: tokio::sync::mpsc::Receiver<StreamEvent>,
-    framing: crate::wire::Framing,
+    framing: Framing,
 ) -> Result<(), crate::stream::socket::SocketClosed> {
     for chunk in snapshot.chunks(BATCH_SIZE) {
         socket.send_text(frame(chunk, framing)).await?;
