@@ -29,7 +29,7 @@ if ! pg_isready -h 127.0.0.1 -p 5432 -q; then
 fi
 
 echo "demo: building (release)"
-cargo build --release --workspace --bins -q
+cargo build --release -p chatcache -p coderd-sim --bins -q
 BIN=target/release
 
 psql -q "$PGURL/postgres" -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" >/dev/null
