@@ -94,7 +94,9 @@ impl StreamStates {
     }
 
     /// Local fan-out. Subscribers are copied under the lock and served after it is released;
-    /// a subscriber whose channel is full silently loses the event.
+    /// a subscriber whose channel is full silently loses the event. Afterwards an idle chat's
+    /// state is dropped — so a message cached on a replica where nobody watches the chat and
+    /// nothing generates is forgotten right after its publish, as in coderd.
     pub fn publish(&self, chat_id: Uuid, event: &StreamEvent) {
         let subscribers: Vec<_> = {
             let chats = self.chats.lock().expect("stream states");
@@ -109,41 +111,41 @@ impl StreamStates {
                 dropped += 1;
             }
         }
-        if dropped > 0 {
-            self.note_drops(chat_id, dropped);
-        }
-    }
 
-    fn note_drops(&self, chat_id: Uuid, dropped: u64) {
         let mut chats = self.chats.lock().expect("stream states");
         let Some(state) = chats.get_mut(&chat_id) else {
             return;
         };
-        state.dropped_since_warn += dropped;
-        let due = match state.last_drop_warn {
-            None => true,
-            Some(t) => t.elapsed() >= DROP_WARN_INTERVAL,
-        };
-        if due {
-            tracing::warn!(chat.id = %chat_id, dropped = state.dropped_since_warn,
-                "stream subscriber channel full, events dropped");
-            state.dropped_since_warn = 0;
-            state.last_drop_warn = Some(Instant::now());
+        if dropped > 0 {
+            state.dropped_since_warn += dropped;
+            let due = match state.last_drop_warn {
+                None => true,
+                Some(t) => t.elapsed() >= DROP_WARN_INTERVAL,
+            };
+            if due {
+                tracing::warn!(chat.id = %chat_id, dropped = state.dropped_since_warn,
+                    "stream subscriber channel full, events dropped");
+                state.dropped_since_warn = 0;
+                state.last_drop_warn = Some(Instant::now());
+            }
+        }
+        if state.idle() {
+            chats.remove(&chat_id);
         }
     }
 
-    /// A streamed delta: buffered for late subscribers while the chat generates here, then
-    /// fanned out locally. Parts never go through pubsub.
+    /// A streamed delta: buffered for late subscribers and fanned out locally, but only while
+    /// the chat generates here (otherwise it is dropped). Parts never go through pubsub.
     pub fn publish_part(&self, chat_id: Uuid, event: StreamEvent) {
         {
             let mut chats = self.chats.lock().expect("stream states");
-            let state = chats.entry(chat_id).or_default();
-            if state.buffering {
-                if state.buffer.len() >= PART_BUFFER_SIZE {
-                    state.buffer.pop_front();
-                }
-                state.buffer.push_back(event.clone());
+            let Some(state) = chats.get_mut(&chat_id).filter(|s| s.buffering) else {
+                return;
+            };
+            if state.buffer.len() >= PART_BUFFER_SIZE {
+                state.buffer.pop_front();
             }
+            state.buffer.push_back(event.clone());
         }
         self.publish(chat_id, &event);
     }
@@ -248,6 +250,15 @@ mod tests {
         }
         assert!(states.cached_after(chat, 10).is_none(), "11 was evicted");
         assert!(states.cached_after(chat, 11).is_some());
+    }
+
+    #[test]
+    fn a_publish_where_nobody_watches_forgets_the_cache() {
+        let states = Arc::new(StreamStates::default());
+        let chat = Uuid::new_v4();
+        states.cache_message(chat, &message(7));
+        states.publish(chat, &message(7));
+        assert!(!states.has_state(chat));
     }
 
     #[test]

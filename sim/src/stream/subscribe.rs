@@ -209,9 +209,10 @@ impl Merge {
         if !notify.status.is_empty() {
             self.emit(StreamEvent::status(self.chat_id, &notify.status))
                 .await?;
-            self.relay.update(&notify.status, notify.worker_id);
+            self.relay.update(&notify.status, notify.worker());
         }
         if let Some(retry) = notify.retry {
+            let retry = serde_json::to_value(retry).expect("retry serializes");
             self.emit(StreamEvent::retry(self.chat_id, retry)).await?;
         }
         if !notify.error.is_empty() {

@@ -4,7 +4,6 @@
 //! travels here; subscribers read rows from Postgres or a cache.
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 use uuid::Uuid;
 
 use crate::gojson;
@@ -18,11 +17,12 @@ pub struct StreamNotify {
     pub after_message_id: i64,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub status: String,
-    /// The replica now running the chat; tells a relay where to dial.
+    /// The replica now running the chat; tells a relay where to dial. A plain string in
+    /// coderd, parsed only where it is used, so a malformed one does not fail the decode.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub worker_id: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub worker_id: Option<Uuid>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub retry: Option<Value>,
+    pub retry: Option<Retry>,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub error: String,
     #[serde(default, skip_serializing_if = "is_false")]
@@ -48,11 +48,19 @@ impl StreamNotify {
     }
 
     pub fn status(status: &str, worker_id: Option<Uuid>) -> Self {
+        let worker_id = worker_id.map(|w| w.to_string()).unwrap_or_default();
         StreamNotify {
             status: status.into(),
             worker_id,
             ..Self::default()
         }
+    }
+
+    /// The worker named by a status notify; nil or unparseable counts as none.
+    pub fn worker(&self) -> Option<Uuid> {
+        gojson::parse_uuid(&self.worker_id)
+            .ok()
+            .filter(|w| !w.is_nil())
     }
 
     pub fn queue_update() -> Self {
@@ -70,13 +78,22 @@ impl StreamNotify {
     /// Decodes a payload. A failure ends the stream with
     /// `unmarshal chat stream notify: <error>`.
     pub fn decode(payload: &str) -> Result<Self, serde_json::Error> {
-        let mut notify: StreamNotify = serde_json::from_str(payload)?;
-        // Go's NullUUID-less uuid.UUID decodes a nil UUID the same as an absent one.
-        if notify.worker_id == Some(Uuid::nil()) {
-            notify.worker_id = None;
-        }
-        Ok(notify)
+        serde_json::from_str(payload)
     }
+}
+
+/// `ChatStreamRetry`: all four fields always present, in this order.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Retry {
+    #[serde(default)]
+    pub attempt: i64,
+    #[serde(default)]
+    pub delay_ms: i64,
+    #[serde(default)]
+    pub error: String,
+    /// An RFC 3339 time, kept as written.
+    #[serde(default)]
+    pub retrying_at: String,
 }
 
 /// The pubsub channel of a chat's stream.

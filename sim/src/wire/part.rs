@@ -167,9 +167,15 @@ impl Part {
             "tool_call_id" => set_str(&mut self.tool_call_id, field, v),
             "tool_name" => set_str(&mut self.tool_name, field, v),
             "mcp_server_config_id" => set_uuid(&mut self.mcp_server_config_id, field, v),
-            "args" => Ok(self.args = Some(v.clone())),
+            "args" => {
+                self.args = Some(v.clone());
+                Ok(())
+            }
             "args_delta" => set_str(&mut self.args_delta, field, v),
-            "result" => Ok(self.result = Some(v.clone())),
+            "result" => {
+                self.result = Some(v.clone());
+                Ok(())
+            }
             "result_delta" => set_str(&mut self.result_delta, field, v),
             "is_error" => set_bool(&mut self.is_error, field, v),
             "is_media" => set_bool(&mut self.is_media, field, v),
@@ -183,7 +189,10 @@ impl Part {
             "start_line" => set_int(&mut self.start_line, field, v),
             "end_line" => set_int(&mut self.end_line, field, v),
             "content" => set_str(&mut self.content, field, v),
-            "provider_metadata" => Ok(self.provider_metadata = Some(v.clone())),
+            "provider_metadata" => {
+                self.provider_metadata = Some(v.clone());
+                Ok(())
+            }
             "provider_executed" => set_bool(&mut self.provider_executed, field, v),
             "context_file_path" => set_str(&mut self.context_file_path, field, v),
             "context_file_content" => set_str(&mut self.context_file_content, field, v),
@@ -282,7 +291,10 @@ fn mismatch(target: &str, value: &Value) -> ContentError {
 fn set_str(slot: &mut String, field: &str, v: &Value) -> Result<(), ContentError> {
     match v {
         Value::Null => Ok(()),
-        Value::String(s) => Ok(*slot = s.clone()),
+        Value::String(s) => {
+            *slot = s.clone();
+            Ok(())
+        }
         other => Err(mismatch(&format!("string (field {field})"), other)),
     }
 }
@@ -290,7 +302,10 @@ fn set_str(slot: &mut String, field: &str, v: &Value) -> Result<(), ContentError
 fn set_bool(slot: &mut bool, field: &str, v: &Value) -> Result<(), ContentError> {
     match v {
         Value::Null => Ok(()),
-        Value::Bool(b) => Ok(*slot = *b),
+        Value::Bool(b) => {
+            *slot = *b;
+            Ok(())
+        }
         other => Err(mismatch(&format!("bool (field {field})"), other)),
     }
 }
@@ -298,7 +313,10 @@ fn set_bool(slot: &mut bool, field: &str, v: &Value) -> Result<(), ContentError>
 fn set_int(slot: &mut i64, field: &str, v: &Value) -> Result<(), ContentError> {
     match v {
         Value::Null => Ok(()),
-        Value::Number(n) if n.is_i64() => Ok(*slot = n.as_i64().unwrap_or_default()),
+        Value::Number(n) if n.is_i64() => {
+            *slot = n.as_i64().unwrap_or_default();
+            Ok(())
+        }
         other => Err(mismatch(&format!("int (field {field})"), other)),
     }
 }
@@ -306,9 +324,15 @@ fn set_int(slot: &mut i64, field: &str, v: &Value) -> Result<(), ContentError> {
 /// `uuid.NullUUID`: `null` is "not set", a string must parse, anything else fails.
 fn set_uuid(slot: &mut Option<Uuid>, field: &str, v: &Value) -> Result<(), ContentError> {
     match v {
-        Value::Null => Ok(*slot = None),
+        Value::Null => {
+            *slot = None;
+            Ok(())
+        }
         Value::String(s) => match gojson::parse_uuid(s) {
-            Ok(id) => Ok(*slot = Some(id)),
+            Ok(id) => {
+                *slot = Some(id);
+                Ok(())
+            }
             Err(e) => Err(ContentError(e)),
         },
         other => Err(mismatch(&format!("uuid.UUID (field {field})"), other)),
@@ -318,11 +342,17 @@ fn set_uuid(slot: &mut Option<Uuid>, field: &str, v: &Value) -> Result<(), Conte
 /// `[]byte`: standard base64 with padding; Go's decoder skips CR and LF.
 fn set_bytes(slot: &mut Option<Vec<u8>>, field: &str, v: &Value) -> Result<(), ContentError> {
     match v {
-        Value::Null => Ok(*slot = None),
+        Value::Null => {
+            *slot = None;
+            Ok(())
+        }
         Value::String(s) => {
             let cleaned: String = s.chars().filter(|c| *c != '\r' && *c != '\n').collect();
             match base64::engine::general_purpose::STANDARD.decode(cleaned) {
-                Ok(bytes) => Ok(*slot = Some(bytes)),
+                Ok(bytes) => {
+                    *slot = Some(bytes);
+                    Ok(())
+                }
                 Err(e) => Err(ContentError(format!(
                     "illegal base64 data (field {field}): {e}"
                 ))),
