@@ -81,6 +81,8 @@ pub struct Ledger {
     faults: Faults,
     /// `message` events taken in, whatever became of them.
     messages: u64,
+    /// Edits announced so far; lets a connection tell whether an edit came after its cursor.
+    edits: u64,
 }
 
 impl Ledger {
@@ -91,6 +93,7 @@ impl Ledger {
             replay: Replay::Idle,
             faults: Faults::default(),
             messages: 0,
+            edits: 0,
         }
     }
 
@@ -120,6 +123,12 @@ impl Ledger {
     /// chatload is about to edit message `edited_id`: a full-refresh replay is coming.
     pub fn expect_replay(&mut self, edited_id: i64) {
         self.replay = Replay::Awaited { edited_id };
+        self.edits += 1;
+    }
+
+    /// How many edits were announced; see [`Ledger::expect_replay`].
+    pub fn edits(&self) -> u64 {
+        self.edits
     }
 
     /// Applies one `message` event for a message in `event_chat`.

@@ -25,6 +25,9 @@ use super::report::{millis, Tally};
 
 /// coderd's own client refuses frames above 4 MiB (protocol doc 4.7); so does chatload.
 const MAX_FRAME_BYTES: usize = 4 << 20;
+/// Read chunk per socket; tungstenite's 128 KiB default would dominate memory with thousands of
+/// subscribers, while stream frames are mostly small.
+const READ_BUFFER_BYTES: usize = 16 << 10;
 /// How long the WebSocket handshake may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a closing handshake may take before the socket is just dropped.
@@ -73,6 +76,24 @@ pub struct SubscriberState {
     pub caught_up_epoch: u64,
     catch_up: Option<CatchUp>,
     connect_epoch: u64,
+    /// The ledger's edit count when the current connection's cursor was chosen.
+    cursor_edits: u64,
+    /// Whether the current connection delivered its first frame (the snapshot's start).
+    snapshot_seen: bool,
+}
+
+impl SubscriberState {
+    fn new(chat_id: Uuid) -> Self {
+        SubscriberState {
+            ledger: Ledger::new(chat_id),
+            tally: Tally::default(),
+            caught_up_epoch: 0,
+            catch_up: None,
+            connect_epoch: 0,
+            cursor_edits: 0,
+            snapshot_seen: false,
+        }
+    }
 }
 
 /// Shared between the subscriber task and its chat's driver. A std mutex: it is never held
@@ -101,7 +122,7 @@ pub struct Subscription {
 
 /// How a connection ended.
 enum End {
-    /// The driver asked for a reconnect.
+    /// The driver asked for a reconnect, or an edit overtook the connect (see `take_frame`).
     Redirected,
     /// The driver asked to stop.
     Stopped,
@@ -111,13 +132,7 @@ enum End {
 
 /// Starts a subscriber task and returns its shared state.
 pub fn spawn(sub: Subscription, signals: Arc<ChatSignals>) -> (SharedState, JoinHandle<()>) {
-    let state = Arc::new(Mutex::new(SubscriberState {
-        ledger: Ledger::new(sub.chat_id),
-        tally: Tally::default(),
-        caught_up_epoch: 0,
-        catch_up: None,
-        connect_epoch: 0,
-    }));
+    let state = Arc::new(Mutex::new(SubscriberState::new(sub.chat_id)));
     let task = tokio::spawn(follow(sub, state.clone(), signals));
     (state, task)
 }
@@ -147,6 +162,8 @@ async fn follow(mut sub: Subscription, state: SharedState, signals: Arc<ChatSign
             };
             s.catch_up = Some(CatchUp::new(Instant::now(), target));
             s.connect_epoch = epoch;
+            s.cursor_edits = s.ledger.edits();
+            s.snapshot_seen = false;
             if connects > 0 {
                 s.tally.reconnects += 1;
             }
@@ -200,7 +217,9 @@ async fn open(sub: &Subscription, target: &Target, after_id: i64) -> Result<Sock
     request
         .headers_mut()
         .insert(SESSION_TOKEN_HEADER, sub.token.clone());
-    let config = WebSocketConfig::default().max_message_size(Some(MAX_FRAME_BYTES));
+    let config = WebSocketConfig::default()
+        .max_message_size(Some(MAX_FRAME_BYTES))
+        .read_buffer_size(READ_BUFFER_BYTES);
 
     let handshake = tokio_tungstenite::connect_async_with_config(request, Some(config), true);
     match tokio::time::timeout(CONNECT_TIMEOUT, handshake).await {
@@ -251,6 +270,9 @@ async fn read(
         let end = take_frame(sub, state, text.as_str());
         signals.progress.send_modify(|n| *n = n.wrapping_add(1));
         if let Some(end) = end {
+            if matches!(end, End::Redirected) {
+                let _ = tokio::time::timeout(CLOSE_TIMEOUT, socket.close(None)).await;
+            }
             return end;
         }
     }
@@ -277,6 +299,18 @@ fn take_frame(sub: &Subscription, state: &SharedState, text: &str) -> Option<End
             return Some(End::Broken("malformed frame".into()));
         }
     };
+
+    // An edit announced after this connection chose its cursor, with its replay still to
+    // come: whether coderd subscribed this stream before or after the edit's full refresh
+    // cannot be told, and a snapshot from after the edit does not show the soft-deletes
+    // (protocol doc 9.9). So connect again from the start, as a careful client would.
+    if !s.snapshot_seen {
+        s.snapshot_seen = true;
+        if s.ledger.awaits_replay() && s.ledger.edits() != s.cursor_edits {
+            debug!(chat.id = %sub.chat_id, "edit overtook the connect, reconnecting from 0");
+            return Some(End::Redirected);
+        }
+    }
 
     // An error event ends the subscription; events before it in the frame still count.
     let mut end = None;
@@ -317,4 +351,113 @@ fn take_frame(sub: &Subscription, state: &SharedState, text: &str) -> Option<End
         s.caught_up_epoch = s.connect_epoch;
     }
     end
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CHAT: &str = "11111111-1111-4111-8111-111111111111";
+
+    fn subscription() -> Subscription {
+        Subscription {
+            chat_id: Uuid::parse_str(CHAT).unwrap(),
+            token: HeaderValue::from_static("id-secret"),
+            targets: Arc::from(Vec::new()),
+            first_target: 0,
+            framing: Framing::Array,
+            initial_history: Vec::new(),
+        }
+    }
+
+    /// A connection whose cursor was chosen now, with the given catch-up target.
+    fn connected(sub: &Subscription, target: Vec<i64>) -> SharedState {
+        let mut s = SubscriberState::new(sub.chat_id);
+        s.catch_up = Some(CatchUp::new(Instant::now(), target));
+        s.connect_epoch = 1;
+        Arc::new(Mutex::new(s))
+    }
+
+    fn frame(events: &[String]) -> String {
+        format!("[{}]\n", events.join(","))
+    }
+
+    fn status() -> String {
+        format!(r#"{{"type":"status","chat_id":"{CHAT}","status":{{"status":"waiting"}}}}"#)
+    }
+
+    fn message(id: i64) -> String {
+        format!(
+            r#"{{"type":"message","chat_id":"{CHAT}","message":{{"id":{id},"chat_id":"{CHAT}","role":"user"}}}}"#
+        )
+    }
+
+    #[test]
+    fn snapshot_completes_the_catch_up() {
+        let sub = subscription();
+        let state = connected(&sub, vec![1000, 1001]);
+        let end = take_frame(
+            &sub,
+            &state,
+            &frame(&[status(), message(1000), message(1001)]),
+        );
+        assert!(end.is_none());
+
+        let s = lock(&state);
+        assert_eq!(s.ledger.held(), [1000, 1001]);
+        assert_eq!(s.caught_up_epoch, 1);
+        assert_eq!(s.tally.catch_up_ms.len(), 1);
+        assert!(s.tally.errors.is_empty());
+    }
+
+    #[test]
+    fn error_event_ends_the_stream_after_earlier_events() {
+        let sub = subscription();
+        let state = connected(&sub, Vec::new());
+        let error = format!(
+            r#"{{"type":"error","chat_id":"{CHAT}","error":{{"message":"dropped messages"}}}}"#
+        );
+        let end = take_frame(&sub, &state, &frame(&[message(1000), error, message(1001)]));
+        assert!(
+            matches!(end, Some(End::Broken(reason)) if reason == "error event: dropped messages")
+        );
+        assert_eq!(lock(&state).ledger.held(), [1000]);
+    }
+
+    #[test]
+    fn edit_after_the_cursor_was_chosen_forces_a_reconnect_from_zero() {
+        let sub = subscription();
+        let state = connected(&sub, Vec::new());
+        lock(&state).ledger.expect_replay(1000);
+
+        let end = take_frame(&sub, &state, &frame(&[status(), message(1002)]));
+        assert!(matches!(end, Some(End::Redirected)));
+        let s = lock(&state);
+        assert!(s.ledger.held().is_empty(), "the frame is not applied");
+        assert!(s.ledger.awaits_replay());
+    }
+
+    #[test]
+    fn edit_after_the_snapshot_waits_for_the_refresh() {
+        let sub = subscription();
+        let state = connected(&sub, Vec::new());
+        assert!(take_frame(&sub, &state, &frame(&[status(), message(1000)])).is_none());
+        lock(&state).ledger.expect_replay(1000);
+
+        assert!(take_frame(&sub, &state, &frame(&[message(1001)])).is_none());
+        assert_eq!(lock(&state).ledger.held(), [1001]);
+    }
+
+    #[test]
+    fn frames_without_newline_and_bad_frames_are_counted() {
+        let sub = subscription();
+        let state = connected(&sub, Vec::new());
+        assert!(take_frame(&sub, &state, &format!("[{}]", status())).is_none());
+        let end = take_frame(&sub, &state, "{not json}\n");
+        assert!(matches!(end, Some(End::Broken(reason)) if reason == "malformed frame"));
+        assert_eq!(
+            lock(&state).tally.errors["frame without trailing newline"],
+            1
+        );
+    }
 }
