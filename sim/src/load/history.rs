@@ -1,5 +1,7 @@
 //! What Postgres says about a chat: whether the turn is finished and which messages are visible.
 
+use std::time::Duration;
+
 use bb8_postgres::PostgresConnectionManager;
 use tokio_postgres::NoTls;
 use uuid::Uuid;
@@ -7,17 +9,33 @@ use uuid::Uuid;
 /// A Postgres failure (Postgres' fault, or a wrong `--database-url`).
 #[derive(Debug, thiserror::Error)]
 pub enum HistoryError {
-    #[error("invalid database url: {0}")]
+    #[error("invalid database url: {}", describe(.0))]
     Url(#[source] tokio_postgres::Error),
-    #[error("cannot connect to Postgres: {0}")]
+    #[error("cannot connect to Postgres: {}", describe(.0))]
     Connect(#[source] tokio_postgres::Error),
     #[error("no Postgres connection available: {0}")]
     Pool(#[source] bb8::RunError<tokio_postgres::Error>),
-    #[error("Postgres query failed: {0}")]
+    #[error("Postgres query failed: {}", describe(.0))]
     Query(#[source] tokio_postgres::Error),
     #[error("chat {0} does not exist in Postgres")]
     NoSuchChat(Uuid),
 }
+
+/// A Postgres error with its causes (the server's message, the socket error), which the
+/// driver's own display leaves out.
+fn describe(err: &tokio_postgres::Error) -> String {
+    let mut text = err.to_string();
+    let mut cause = std::error::Error::source(err);
+    while let Some(inner) = cause {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        cause = inner.source();
+    }
+    text
+}
+
+/// How long opening a Postgres connection (or waiting for a pooled one) may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The visible history of a chat, as the stream must deliver it (protocol doc 13.2).
 const VISIBLE_HISTORY: &str = "SELECT id, role::text FROM chat_messages \
@@ -70,16 +88,21 @@ pub struct History {
 }
 
 impl History {
-    /// Connects eagerly, so a wrong URL fails the run before any traffic starts.
+    /// Connects once up front, so a wrong URL fails the run before any traffic starts.
     pub async fn connect(url: &str, max_connections: u32) -> Result<Self, HistoryError> {
         let mut config: tokio_postgres::Config = url.parse().map_err(HistoryError::Url)?;
         config.application_name("chatload");
+        config.connect_timeout(CONNECT_TIMEOUT);
         let manager = PostgresConnectionManager::new(config, NoTls);
         let pool = bb8::Pool::builder()
             .max_size(max_connections.max(1))
-            .build(manager)
+            .connection_timeout(CONNECT_TIMEOUT)
+            .build_unchecked(manager);
+        let probe = pool
+            .dedicated_connection()
             .await
             .map_err(HistoryError::Connect)?;
+        drop(probe);
         Ok(History { pool })
     }
 
