@@ -220,8 +220,8 @@ impl Replica {
         let queue = store::queued(&tx, chat_id).await?;
         tx.commit().await?;
 
-        self.publish_message(&row).await;
         self.publish_queue_update(chat_id, &queue).await;
+        self.publish_message(&row).await;
         self.publish_status(&with_status(&chat, "pending", None))
             .await;
         self.worker_wake.notify_one();

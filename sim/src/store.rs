@@ -3,6 +3,7 @@
 //! Functions take any `GenericClient`, so the same query runs on a pooled connection or inside
 //! a write transaction that holds the chat row lock.
 
+use chrono::{DateTime, Utc};
 use serde_json::Value;
 use tokio_postgres::{GenericClient, Row};
 use uuid::Uuid;
@@ -17,7 +18,7 @@ const MESSAGE_COLUMNS: &str = "id, chat_id, model_config_id, created_at, role::t
 
 const CHAT_COLUMNS: &str = "c.id, c.owner_id, c.workspace_id, c.parent_chat_id, c.root_chat_id, \
     c.last_model_config_id, c.title, c.status::text AS status, c.worker_id, c.last_error, \
-    c.created_at, c.updated_at, c.archived, \
+    c.created_at, c.updated_at, c.archived, c.started_at, \
     EXISTS (SELECT 1 FROM chat_messages m WHERE m.chat_id = c.id AND m.role = 'assistant' \
         AND NOT m.deleted AND m.id > COALESCE(c.last_read_message_id, 0)) AS has_unread";
 
@@ -70,6 +71,7 @@ fn chat_row(row: &Row) -> ChatRow {
         created_at: row.get("created_at"),
         updated_at: row.get("updated_at"),
         archived: row.get("archived"),
+        started_at: row.get("started_at"),
         has_unread: row.get("has_unread"),
     }
 }
@@ -197,7 +199,8 @@ pub async fn set_status(
 ) -> Result<(), DbError> {
     c.execute(
         "UPDATE chats SET status = $2::text::chat_status, worker_id = $3, updated_at = now(), \
-         heartbeat_at = CASE WHEN $3::uuid IS NULL THEN NULL ELSE now() END WHERE id = $1",
+         heartbeat_at = CASE WHEN $3::uuid IS NULL THEN NULL ELSE now() END, \
+         started_at = CASE WHEN $3::uuid IS NULL THEN NULL ELSE started_at END WHERE id = $1",
         &[&chat_id, &status, &worker_id],
     )
     .await?;
@@ -286,22 +289,23 @@ pub async fn clear_queue(c: &impl GenericClient, chat_id: Uuid) -> Result<(), Db
 
 /// `AcquireChats`: claims up to `limit` pending chats (and running chats whose worker stopped
 /// heartbeating 5 minutes ago) for this worker, skipping chats another transaction holds.
+/// Returns each claimed chat with its claim time.
 pub async fn acquire_chats(
     c: &impl GenericClient,
     worker_id: Uuid,
     limit: i64,
-) -> Result<Vec<Uuid>, DbError> {
+) -> Result<Vec<(Uuid, DateTime<Utc>)>, DbError> {
     let rows = c
         .query(
             "UPDATE chats SET status = 'running', worker_id = $1, started_at = now(), \
              heartbeat_at = now(), updated_at = now() WHERE id IN (SELECT id FROM chats \
              WHERE status = 'pending' OR (status = 'running' AND heartbeat_at < now() - \
              interval '5 minutes') ORDER BY updated_at LIMIT $2 FOR UPDATE SKIP LOCKED) \
-             RETURNING id",
+             RETURNING id, started_at",
             &[&worker_id, &limit],
         )
         .await?;
-    Ok(rows.iter().map(|r| r.get(0)).collect())
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
 /// `markChatAsRead`: the owner has seen the newest assistant message.

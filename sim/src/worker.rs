@@ -8,6 +8,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use serde_json::json;
 use uuid::Uuid;
 
@@ -26,6 +27,23 @@ const CHATS_PER_ACQUIRE: i64 = 10;
 /// Every this many turns of a chat, the turn also makes a tool call.
 const TOOL_TURN_EVERY: i64 = 3;
 
+/// One claim of a chat by this worker: the claim time tells it apart from a later claim of the
+/// same chat (after an edit or promotion made it pending again).
+#[derive(Debug, Clone, Copy)]
+struct Claim {
+    chat_id: Uuid,
+    started_at: DateTime<Utc>,
+}
+
+impl Claim {
+    /// Whether the chat, as locked now, is still running under this claim.
+    fn holds(&self, replica: &Replica, chat: &ChatRow) -> bool {
+        chat.status == "running"
+            && chat.worker_id == Some(replica.worker_id)
+            && chat.started_at == Some(self.started_at)
+    }
+}
+
 /// Claims pending chats every second, or sooner when this replica made one pending.
 pub async fn run(replica: Arc<Replica>) {
     tracing::info!(replica = %replica.settings.name, worker.id = %replica.worker_id,
@@ -41,8 +59,12 @@ pub async fn run(replica: Arc<Replica>) {
         };
         match claimed {
             Ok(chats) => {
-                for chat_id in chats {
-                    tokio::spawn(process_chat(replica.clone(), chat_id));
+                for (chat_id, started_at) in chats {
+                    let claim = Claim {
+                        chat_id,
+                        started_at,
+                    };
+                    tokio::spawn(process_chat(replica.clone(), claim));
                 }
             }
             Err(e) => tracing::warn!(error = %e, "acquiring pending chats failed"),
@@ -51,22 +73,23 @@ pub async fn run(replica: Arc<Replica>) {
 }
 
 /// Runs one claimed chat's turn; failures are logged and leave the chat to the next claim.
-async fn process_chat(replica: Arc<Replica>, chat_id: Uuid) {
+async fn process_chat(replica: Arc<Replica>, claim: Claim) {
+    let chat_id = claim.chat_id;
     replica.streams.start_buffering(chat_id);
-    let result = run_turn(&replica, chat_id).await;
+    let result = run_turn(&replica, claim).await;
     replica.streams.stop_buffering(chat_id);
     if let Err(e) = result {
         tracing::warn!(chat.id = %chat_id, error = %e, "turn failed");
-        return;
     }
-    if let Err(e) = finish_turn(&replica, chat_id).await {
+    if let Err(e) = finish_turn(&replica, claim).await {
         tracing::warn!(chat.id = %chat_id, error = %e, "finishing turn failed");
     }
 }
 
-/// Streams the deltas and persists the turn; returns without persisting when the chat was
-/// taken away meanwhile (interrupt, edit, promotion).
-async fn run_turn(replica: &Replica, chat_id: Uuid) -> Result<(), ChatdError> {
+/// Streams the deltas and persists the turn; persists nothing when the chat was taken away
+/// meanwhile (interrupt, edit, promotion, another claim), as an interrupted coderd turn does.
+async fn run_turn(replica: &Replica, claim: Claim) -> Result<(), ChatdError> {
+    let chat_id = claim.chat_id;
     let (chat, turn) = {
         let conn = replica.pool.get().await?;
         let chat = store::chat_by_id(&*conn, chat_id)
@@ -74,7 +97,12 @@ async fn run_turn(replica: &Replica, chat_id: Uuid) -> Result<(), ChatdError> {
             .ok_or(ChatdError::ChatNotFound)?;
         (chat, store::user_message_count(&*conn, chat_id).await?)
     };
-    replica.publish_status(&chat).await;
+    let running = ChatRow {
+        status: "running".into(),
+        worker_id: Some(replica.worker_id),
+        ..chat
+    };
+    replica.publish_status(&running).await;
 
     // Stream the deltas to local subscribers (and, through them, to relays).
     let settings = &replica.settings;
@@ -95,8 +123,8 @@ async fn run_turn(replica: &Replica, chat_id: Uuid) -> Result<(), ChatdError> {
         let Some(locked) = store::lock_chat(&tx, chat_id).await? else {
             return Ok(());
         };
-        if !still_ours(replica, &locked) {
-            tracing::debug!(chat.id = %chat_id, status = %locked.status, "turn abandoned");
+        if !claim.holds(replica, &locked) {
+            tracing::debug!(chat.id = %chat_id, status = %locked.status, "turn interrupted");
             return Ok(());
         }
         let messages = turn_messages(&locked, turn, text, settings.turn_parts);
@@ -111,59 +139,63 @@ async fn run_turn(replica: &Replica, chat_id: Uuid) -> Result<(), ChatdError> {
     Ok(())
 }
 
-/// After the turn: promote the queue head (the chat stays busy) or go back to `waiting`.
-async fn finish_turn(replica: &Replica, chat_id: Uuid) -> Result<(), ChatdError> {
+/// Releases the chat as coderd's `processChat` cleanup does: leave it alone if another claim
+/// owns it; keep `pending` if someone made it pending meanwhile; otherwise promote the queue
+/// head (the chat goes `pending`) or settle on `waiting`.
+async fn finish_turn(replica: &Replica, claim: Claim) -> Result<(), ChatdError> {
+    let chat_id = claim.chat_id;
     let mut conn = replica.pool.get().await?;
     let tx = conn.transaction().await?;
     let Some(chat) = store::lock_chat(&tx, chat_id).await? else {
         return Ok(());
     };
-    if !still_ours(replica, &chat) {
+    if chat.status == "running" && !claim.holds(replica, &chat) {
         return Ok(());
     }
 
-    let Some(head) = store::take_queue_head(&tx, chat_id).await? else {
-        store::set_status(&tx, chat_id, "waiting", None).await?;
-        tx.commit().await?;
-        let chat = ChatRow {
-            status: "waiting".into(),
-            worker_id: None,
-            ..chat
+    let mut promoted = None;
+    let mut queue = None;
+    let status = if chat.status == "pending" {
+        "pending"
+    } else if let Some(head) = store::take_queue_head(&tx, chat_id).await? {
+        let message = NewMessage {
+            role: "user",
+            content: head.content,
+            visibility: "both",
+            created_by: Some(chat.owner_id),
+            model_config_id: Some(chat.last_model_config_id),
+            tokens: [0; 3],
         };
-        replica.publish_status(&chat).await;
-        return Ok(());
+        promoted = Some(
+            store::insert_messages(&tx, chat_id, &[message])
+                .await?
+                .remove(0),
+        );
+        queue = Some(store::queued(&tx, chat_id).await?);
+        "pending"
+    } else {
+        "waiting"
     };
-
-    let owner = chat.owner_id;
-    let message = NewMessage {
-        role: "user",
-        content: head.content,
-        visibility: "both",
-        created_by: Some(owner),
-        model_config_id: Some(chat.last_model_config_id),
-        tokens: [0; 3],
-    };
-    let row = store::insert_messages(&tx, chat_id, &[message])
-        .await?
-        .remove(0);
-    store::set_status(&tx, chat_id, "pending", None).await?;
-    let queue = store::queued(&tx, chat_id).await?;
+    store::set_status(&tx, chat_id, status, None).await?;
     tx.commit().await?;
 
-    replica.publish_message(&row).await;
-    replica.publish_queue_update(chat_id, &queue).await;
+    if let Some(row) = &promoted {
+        replica.publish_message(row).await;
+    }
+    if let Some(queue) = &queue {
+        replica.publish_queue_update(chat_id, queue).await;
+    }
     let chat = ChatRow {
-        status: "pending".into(),
+        status: status.into(),
         worker_id: None,
+        started_at: None,
         ..chat
     };
     replica.publish_status(&chat).await;
-    replica.worker_wake.notify_one();
+    if status == "pending" {
+        replica.worker_wake.notify_one();
+    }
     Ok(())
-}
-
-fn still_ours(replica: &Replica, chat: &ChatRow) -> bool {
-    chat.status == "running" && chat.worker_id == Some(replica.worker_id)
 }
 
 /// The rows one turn stores: on every third turn a tool call and its result first, then the

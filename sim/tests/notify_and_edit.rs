@@ -165,3 +165,123 @@ async fn every_third_turn_calls_a_tool_in_one_transaction() {
     );
     assert!(answer.get("created_by").is_none());
 }
+
+fn settled(events: &[Value]) -> bool {
+    events
+        .iter()
+        .any(|e| e["type"] == "status" && e["status"]["status"] == "waiting")
+}
+
+async fn history(sim: &SimProcess, token: &str, chat: uuid::Uuid) -> Vec<(String, String)> {
+    let page = api(
+        &sim.addr,
+        token,
+        "GET",
+        &format!("/chats/{chat}/messages"),
+        None,
+    )
+    .await;
+    let mut messages: Vec<(String, String)> = page.json()["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            let text = m["content"][0]["text"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            (m["role"].as_str().unwrap().to_string(), text)
+        })
+        .collect();
+    messages.reverse();
+    messages
+}
+
+#[tokio::test]
+async fn an_edit_during_a_turn_drops_that_turn() {
+    let db = ScratchDb::new().await;
+    let seed = db.seed(1, 1);
+    let user = &seed.users[0];
+    let chat = user.chats[0];
+    let sim = SimProcess::start(&db, "w", &["--turn-parts", "4", "--part-delay-ms", "100"]).await;
+    let mut stream = StreamClient::connect(&sim.addr, &user.token, chat, None).await;
+    stream.next_events(WAIT).await.unwrap();
+
+    let sent = post_message(&sim.addr, &user.token, chat, "first").await;
+    let id = sent["message"]["id"].as_i64().unwrap();
+    stream
+        .events_until(WAIT, |events| !of_type(events, "message_part").is_empty())
+        .await;
+    let edit = r#"{"content":[{"type":"text","text":"second"}]}"#;
+    let path = format!("/chats/{chat}/messages/{id}");
+    assert_eq!(
+        api(&sim.addr, &user.token, "PATCH", &path, Some(edit))
+            .await
+            .status,
+        200
+    );
+    stream.events_until(WAIT, settled).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+
+    // The first turn was claimed away mid-stream and stored nothing; the second answered.
+    let want = vec![
+        ("user".to_string(), "second".to_string()),
+        (
+            "assistant".to_string(),
+            "part 1 of turn 1 part 2 of turn 1 part 3 of turn 1 part 4 of turn 1 ".to_string(),
+        ),
+    ];
+    assert_eq!(history(&sim, &user.token, chat).await, want);
+}
+
+#[tokio::test]
+async fn an_interrupted_turn_stores_nothing_and_the_queue_moves_on() {
+    let db = ScratchDb::new().await;
+    let seed = db.seed(1, 1);
+    let user = &seed.users[0];
+    let chat = user.chats[0];
+    let sim = SimProcess::start(&db, "w", &["--turn-parts", "3", "--part-delay-ms", "150"]).await;
+    let mut stream = StreamClient::connect(&sim.addr, &user.token, chat, None).await;
+    stream.next_events(WAIT).await.unwrap();
+
+    post_message(&sim.addr, &user.token, chat, "first").await;
+    let queued = post_message(&sim.addr, &user.token, chat, "second").await;
+    assert_eq!(queued["queued"], true);
+    stream
+        .events_until(WAIT, |events| !of_type(events, "message_part").is_empty())
+        .await;
+    let interrupted = api(
+        &sim.addr,
+        &user.token,
+        "POST",
+        &format!("/chats/{chat}/interrupt"),
+        None,
+    )
+    .await;
+    assert_eq!(interrupted.json()["status"], "waiting");
+
+    // The abandoned turn releases the chat by promoting the queued message, which is answered.
+    let statuses = |events: &[Value]| -> Vec<String> {
+        of_type(events, "status")
+            .iter()
+            .map(|e| e["status"]["status"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let events = stream
+        .events_until(WAIT, |events| statuses(events).len() >= 4)
+        .await;
+    assert_eq!(
+        statuses(&events),
+        ["waiting", "pending", "running", "waiting"]
+    );
+    assert!(!of_type(&events, "queue_update").is_empty());
+    let want = vec![
+        ("user".to_string(), "first".to_string()),
+        ("user".to_string(), "second".to_string()),
+        (
+            "assistant".to_string(),
+            "part 1 of turn 2 part 2 of turn 2 part 3 of turn 2 ".to_string(),
+        ),
+    ];
+    assert_eq!(history(&sim, &user.token, chat).await, want);
+}

@@ -22,6 +22,9 @@ pub struct ChatRow {
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub archived: bool,
+    /// When the current run was claimed; with `worker_id` it identifies one claim, so a turn
+    /// can tell that its chat was claimed again meanwhile. Not part of the JSON.
+    pub started_at: Option<DateTime<Utc>>,
     /// Whether an assistant message newer than `last_read_message_id` exists.
     pub has_unread: bool,
 }
