@@ -30,6 +30,19 @@
 //!
 //! After each turn's check a subscriber adopts the verified history, so one fault is counted once
 //! and not again in every later turn.
+//!
+//! # Latencies
+//!
+//! * Catch-up, per (re)connect: from starting the connect until the first frame has arrived and
+//!   the subscriber holds every id Postgres showed as visible when the connect started (for a
+//!   reconnect that is what it already held, so this is the time to the snapshot's first frame).
+//! * Turn: from sending the turn until coderd finished it and every subscriber held the visible
+//!   history. Turns that failed or timed out give no sample.
+//!
+//! # Exit status
+//!
+//! 0 clean; 1 on any fault or on turns that could not be sent or did not finish in time; 2 when
+//! the run could not be set up (command line, seed file, Postgres, report file).
 
 pub mod api;
 pub mod chat;
