@@ -49,7 +49,8 @@ struct SubscriberSlot {
 /// Where a subscriber stands in the chat's history.
 #[derive(Debug, Clone)]
 pub struct Cursor {
-    pub epoch: u64,
+    /// The history generation this subscriber has; a replay moves it to the current one.
+    pub generation: u64,
     pub seen_seq: u64,
     /// The client's `after_id`: nothing at or below it is sent, except in a replay.
     pub after_id: i64,
@@ -63,7 +64,10 @@ pub struct Subscription {
 }
 
 pub struct ChatState {
+    /// Bumped when a reload starts, so a read begun before it is never merged.
     pub epoch: u64,
+    /// Bumped when the history is rewritten and replayed to subscribers.
+    generation: u64,
     pub ring: Ring,
     status: Option<Bytes>,
     parts: Vec<Bytes>,
@@ -90,6 +94,7 @@ impl Chat {
     pub fn new(id: Uuid) -> Self {
         let state = ChatState {
             epoch: 1,
+            generation: 1,
             ring: Ring::default(),
             status: None,
             parts: Vec::new(),
@@ -312,7 +317,7 @@ impl ChatState {
         );
         self.idle_since = None;
         let cursor = Cursor {
-            epoch: self.epoch,
+            generation: self.generation,
             seen_seq: self.ring.max_seq(),
             after_id,
         };
@@ -336,7 +341,7 @@ impl ChatState {
 
     /// Ring entries this subscriber has not seen yet.
     pub fn pull(&self, cursor: &mut Cursor) -> Vec<Bytes> {
-        if cursor.epoch != self.epoch {
+        if cursor.generation != self.generation {
             // A replay for the new epoch is queued behind this signal; it will carry these.
             return Vec::new();
         }
@@ -347,7 +352,7 @@ impl ChatState {
 
     /// The whole cached history, after a full refresh.
     pub fn replay(&self, cursor: &mut Cursor) -> Vec<Bytes> {
-        cursor.epoch = self.epoch;
+        cursor.generation = self.generation;
         cursor.seen_seq = self.ring.max_seq();
         cursor.after_id = 0;
         self.ring.all().map(|e| e.event.clone()).collect()
@@ -411,6 +416,7 @@ impl ChatState {
         }
         self.refreshing = false;
         self.release_refresh_staged(limits);
+        self.generation += 1;
         self.wake(true);
         true
     }

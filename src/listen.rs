@@ -170,6 +170,10 @@ async fn run(
         }
         up.send_replace(false);
         driver.abort();
+        if ok {
+            // The connection was healthy until now: try again at once, then back off.
+            continue;
+        }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(60));
     }

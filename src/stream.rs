@@ -241,8 +241,10 @@ async fn serve(
                             Err(_) => break,
                         }
                     }
-                    if send_events(&mut ws, framing, batch).await.is_err() {
-                        break 'live End::Gone;
+                    match send_events(&mut ws, framing, batch).await {
+                        Ok(()) => {}
+                        Err(Stall::Timeout) => break 'live End::WriteTimeout,
+                        Err(Stall::Closed) => break 'live End::Gone,
                     }
                 }
                 msg = ws.next() => match msg {
@@ -268,6 +270,8 @@ async fn serve(
 
 enum End {
     Gone,
+    /// A write did not finish in 10 s: coderd closes such a client with 1011.
+    WriteTimeout,
     ClientData,
     Overflow,
     Dropped,
@@ -300,6 +304,11 @@ async fn finish(app: &App, chat: &Chat, ws: &mut Ws, end: End) {
             close(CloseCode::Normal, "Connection closed")
         }
         End::Shutdown => close(CloseCode::Away, "server shutting down"),
+        End::WriteTimeout => {
+            app.metrics.overflow_closes.inc();
+            tracing::warn!(chat.id = %chat.id, "subscriber stopped reading; closing");
+            close(CloseCode::Error, "Unable to send newest message")
+        }
     };
     let _ = tokio::time::timeout(Duration::from_secs(2), ws.send(msg)).await;
     let _ = tokio::time::timeout(Duration::from_secs(2), ws.close(None)).await;
@@ -314,15 +323,22 @@ fn collect(chat: &Chat, sub: &mut Subscription, signal: Signal, out: &mut Vec<By
     }
 }
 
+/// Why a write failed.
+enum Stall {
+    Closed,
+    Timeout,
+}
+
 /// Sends events in frames of at most 256, each write bounded like coderd's (10 s).
-async fn send_events(ws: &mut Ws, framing: Framing, events: Vec<Bytes>) -> Result<(), ()> {
+async fn send_events(ws: &mut Ws, framing: Framing, events: Vec<Bytes>) -> Result<(), Stall> {
     for chunk in events.chunks(MAX_EVENTS_PER_FRAME) {
         let frame = wire::frame(framing, chunk);
-        let text = String::from_utf8(frame).map_err(|_| ())?;
+        let text = String::from_utf8(frame).map_err(|_| Stall::Closed)?;
         let write = ws.send(Message::Text(text.into()));
         match tokio::time::timeout(Duration::from_secs(10), write).await {
             Ok(Ok(())) => {}
-            _ => return Err(()),
+            Ok(Err(_)) => return Err(Stall::Closed),
+            Err(_) => return Err(Stall::Timeout),
         }
     }
     Ok(())
