@@ -5,7 +5,7 @@
 //! any replica, and `full_refresh` says an edit rewrote the history. When the connection drops,
 //! notifies may have been missed, so after reconnecting every cached chat is reloaded.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -99,7 +99,9 @@ async fn run(
     mut commands: mpsc::UnboundedReceiver<Command>,
     up: watch::Sender<bool>,
 ) {
-    let mut channels: HashSet<Uuid> = HashSet::new();
+    // LISTENs per chat: a chat that leaves the cache while a new entry for it is starting must
+    // not UNLISTEN the channel under the new entry.
+    let mut channels: HashMap<Uuid, usize> = HashMap::new();
     let mut backoff = Duration::from_secs(1);
     let mut connected_before = false;
     loop {
@@ -140,7 +142,7 @@ async fn run(
         });
 
         // Re-LISTEN everything first, then reload: a refresh may have happened while down.
-        let relisten: Vec<Uuid> = channels.iter().copied().collect();
+        let relisten: Vec<Uuid> = channels.keys().copied().collect();
         let mut ok = true;
         for chat in relisten {
             if let Err(e) = client
@@ -180,14 +182,17 @@ async fn run(
 }
 
 /// While LISTEN is down, new chats cannot be served faithfully: refuse so they fail open.
-fn fail_commands(commands: &mut mpsc::UnboundedReceiver<Command>, channels: &mut HashSet<Uuid>) {
+fn fail_commands(
+    commands: &mut mpsc::UnboundedReceiver<Command>,
+    channels: &mut HashMap<Uuid, usize>,
+) {
     while let Ok(cmd) = commands.try_recv() {
         match cmd {
             Command::Listen(_, reply) => {
                 let _ = reply.send(Err(ListenError::Down));
             }
             Command::Unlisten(chat) => {
-                channels.remove(&chat);
+                release(channels, chat);
             }
         }
     }
@@ -198,18 +203,23 @@ async fn serve(
     cache: &Arc<Cache>,
     commands: &mut mpsc::UnboundedReceiver<Command>,
     notes: &mut mpsc::UnboundedReceiver<(String, String)>,
-    channels: &mut HashSet<Uuid>,
+    channels: &mut HashMap<Uuid, usize>,
 ) {
     loop {
         tokio::select! {
             cmd = commands.recv() => {
                 let Some(cmd) = cmd else { return };
                 match cmd {
+                    Command::Listen(chat, reply) if channels.contains_key(&chat) => {
+                        *channels.entry(chat).or_default() += 1;
+                        let _ = reply.send(Ok(()));
+                    }
                     Command::Listen(chat, reply) => {
                         let sql = format!("LISTEN {}", quoted_channel(chat));
                         match client.batch_execute(&sql).await {
                             Ok(()) => {
-                                channels.insert(chat);
+                                tracing::debug!(chat.id = %chat, "listening");
+                                channels.insert(chat, 1);
                                 let _ = reply.send(Ok(()));
                             }
                             Err(e) => {
@@ -219,7 +229,9 @@ async fn serve(
                         }
                     }
                     Command::Unlisten(chat) => {
-                        channels.remove(&chat);
+                        if !release(channels, chat) {
+                            continue;
+                        }
                         let sql = format!("UNLISTEN {}", quoted_channel(chat));
                         if client.batch_execute(&sql).await.is_err() {
                             return;
@@ -235,10 +247,26 @@ async fn serve(
     }
 }
 
+/// Drops one reference; true when it was the last, so the channel should be UNLISTENed.
+fn release(channels: &mut HashMap<Uuid, usize>, chat: Uuid) -> bool {
+    match channels.get_mut(&chat) {
+        Some(n) if *n > 1 => {
+            *n -= 1;
+            false
+        }
+        Some(_) => {
+            channels.remove(&chat);
+            true
+        }
+        None => false,
+    }
+}
+
 fn dispatch(cache: &Arc<Cache>, channel: &str, payload: &str) {
     let Some(chat) = channel_chat(channel) else {
         return;
     };
+    tracing::debug!(chat.id = %chat, payload, "notify");
     match parse_notify(payload) {
         Ok(n) => {
             if n.full_refresh == Some(true) {

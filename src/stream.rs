@@ -175,10 +175,28 @@ async fn subscribe(
     creds: Credentials,
 ) -> Result<(Subscription, Vec<Bytes>), &'static str> {
     let queue = app.config().stream.subscriber_queue_events;
-    if let Some(done) = chat.lock().subscribe(after_id, creds.clone(), queue, None) {
-        app.metrics.catchups.with_label_values(&["hit"]).inc();
-        app.metrics.subscribers.inc();
-        return Ok(done);
+    // While an edit's history is being re-read, the ring still holds the old one: wait for it,
+    // as coderd would have read the new history for a client connecting now.
+    let deadline = tokio::time::Instant::now() + app.feed.connect_timeout;
+    loop {
+        let attempt = {
+            let mut state = chat.lock();
+            if state.refreshing {
+                None
+            } else {
+                Some(state.subscribe(after_id, creds.clone(), queue, None))
+            }
+        };
+        match attempt {
+            Some(Some(done)) => {
+                app.metrics.catchups.with_label_values(&["hit"]).inc();
+                app.metrics.subscribers.inc();
+                return Ok(done);
+            }
+            Some(None) => break,
+            None if tokio::time::Instant::now() > deadline => return Err("refresh_timeout"),
+            None => tokio::time::sleep(Duration::from_millis(5)).await,
+        }
     }
     app.metrics
         .catchups
