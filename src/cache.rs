@@ -6,7 +6,7 @@
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use dashmap::DashMap;
@@ -35,6 +35,8 @@ pub struct Cache {
     pub framing: Framing,
     limits: RwLock<CacheConfig>,
     total_bytes: AtomicI64,
+    /// Chats whose rows chatcache cannot render, with the time until which they stay with coderd.
+    left_to_coderd: DashMap<Uuid, Instant>,
 }
 
 impl Cache {
@@ -46,6 +48,7 @@ impl Cache {
             framing,
             limits: RwLock::new(limits),
             total_bytes: AtomicI64::new(0),
+            left_to_coderd: DashMap::new(),
         })
     }
 
@@ -195,6 +198,10 @@ impl Cache {
                             state.ring.merge_read(from, rows, &pending, limits)
                         });
                     }
+                    Err(FillError::Unsupported(e)) => {
+                        cache.leave_to_coderd(&chat, &e);
+                        return;
+                    }
                     Err(e) => {
                         tracing::warn!(chat.id = %chat.id, error = %e, "hole repair failed");
                         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -241,13 +248,7 @@ impl Cache {
                         return;
                     }
                     Err(FillError::Unsupported(e)) => {
-                        tracing::warn!(chat.id = %chat.id, error = %e, "chat left to coderd");
-                        cache
-                            .metrics
-                            .fail_opens
-                            .with_label_values(&["content_version"])
-                            .inc();
-                        cache.remove(&chat);
+                        cache.leave_to_coderd(&chat, &e);
                         return;
                     }
                     Err(e) => {
@@ -269,6 +270,31 @@ impl Cache {
             if let Some(chat) = self.get(&id) {
                 self.spawn_reload(chat, ReadReason::Reload);
             }
+        }
+    }
+
+    /// How long a chat whose rows chatcache cannot render is left to coderd.
+    const LEFT_TO_CODERD: Duration = Duration::from_secs(300);
+
+    /// Stops serving a chat whose rows chatcache cannot render faithfully: its subscribers are
+    /// closed (they reconnect) and, for a while, new ones are tunnelled to coderd.
+    pub fn leave_to_coderd(&self, chat: &Arc<Chat>, why: &render::UnsupportedContent) {
+        tracing::warn!(chat.id = %chat.id, error = %why, "chat left to coderd");
+        self.left_to_coderd
+            .insert(chat.id, Instant::now() + Self::LEFT_TO_CODERD);
+        self.remove(chat);
+    }
+
+    /// True while a chat must be passed to coderd untouched.
+    pub fn is_left_to_coderd(&self, chat: &Uuid) -> bool {
+        let until = self.left_to_coderd.get(chat).map(|u| *u);
+        match until {
+            Some(until) if Instant::now() < until => true,
+            Some(_) => {
+                self.left_to_coderd.remove(chat);
+                false
+            }
+            None => false,
         }
     }
 

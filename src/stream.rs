@@ -73,6 +73,9 @@ pub async fn handle(
     if !app.listener.is_up() {
         return fail_open(&app, req, peer, "listen_down").await;
     }
+    if app.cache.is_left_to_coderd(&chat_id) {
+        return fail_open(&app, req, peer, "content_version").await;
+    }
 
     let Some(chat) = ready_chat(&app, chat_id, &creds).await else {
         return fail_open(&app, req, peer, "feed").await;
@@ -207,6 +210,10 @@ async fn subscribe(
         .read_events(ReadReason::BelowFloor, chat.id, after_id)
         .await
         .map_err(|e| {
+            if let crate::cache::FillError::Unsupported(why) = &e {
+                app.cache.leave_to_coderd(chat, why);
+                return "content_version";
+            }
             tracing::warn!(chat.id = %chat.id, error = %e, "below-floor read failed");
             "below_floor_read"
         })?;

@@ -214,3 +214,65 @@ async fn stalled_subscriber_is_closed_and_others_are_unaffected() {
     assert_eq!(metric(admin, "chatcache_subscribers").await, 1.0);
     drop(stalled);
 }
+
+/// A row chatcache cannot render (content_version 0) leaves the chat to coderd: the client
+/// still gets coderd's own answer, and the fail-open is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unrenderable_rows_fail_open_to_coderd() {
+    let db = Scratch::new().await;
+    let users = seed(&db, 1, 1);
+    let (token, chat, user) = (&users[0].token, &users[0].chats[0], &users[0].id);
+    let sim = start_sim(&db, "a", &["--part-delay-ms", "1", "--turn-parts", "2"]).await;
+    let pg = db.client().await;
+    let chat_id: uuid::Uuid = chat.parse().unwrap();
+    let user_id: uuid::Uuid = user.parse().unwrap();
+    pg.execute(
+        "INSERT INTO chat_messages (chat_id, role, content, created_by, content_version) \
+         VALUES ($1, 'user', '\"legacy text\"'::jsonb, $2, 0)",
+        &[&chat_id, &user_id],
+    )
+    .await
+    .unwrap();
+    for t in 0..2 {
+        post_message(sim.addr, chat, token, &format!("t{t}")).await;
+        wait_idle(&pg, chat).await;
+    }
+    let ids = db_ids(&pg, chat).await;
+    let side = start_sidecar(&db, sim.addr, "[cache]\nmax_messages_per_chat = 2\n").await;
+    let admin = side.admin.unwrap();
+
+    // Warm the chat with a tail subscriber, then ask for everything: below the floor, the read
+    // meets the legacy row, and the subscription goes to coderd untouched.
+    let mut tail = subscribe(side.addr, chat, ids[ids.len() - 2], token).await;
+    tail.events_for(Duration::from_millis(300)).await;
+    let mut direct = subscribe(sim.addr, chat, 0, token).await;
+    let mut full = subscribe(side.addr, chat, 0, token).await;
+    let want = direct.events_for(Duration::from_millis(500)).await;
+    let got = full.events_for(Duration::from_millis(500)).await;
+    assert_eq!(message_ids(&got), ids);
+    assert_eq!(got, want);
+    assert_eq!(
+        metric(
+            admin,
+            "chatcache_fail_open_total{reason=\"content_version\"}"
+        )
+        .await,
+        1.0
+    );
+    // And for a while every new subscription of that chat goes to coderd.
+    let mut again = subscribe(side.addr, chat, 0, token).await;
+    assert_eq!(
+        message_ids(&again.events_for(Duration::from_millis(300)).await),
+        ids
+    );
+    assert_eq!(
+        metric(
+            admin,
+            "chatcache_fail_open_total{reason=\"content_version\"}"
+        )
+        .await,
+        2.0
+    );
+    let (live, _, _) = http(admin, "GET", "/live", &[], "").await;
+    assert_eq!(live, 200);
+}
