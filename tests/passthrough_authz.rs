@@ -7,6 +7,9 @@ use std::time::Duration;
 
 use common::*;
 
+/// A named request: what it is, its path or query, and its headers.
+type Case<'a, P> = (&'a str, P, Vec<(&'a str, &'a str)>);
+
 /// Status, content type and body of a response; what must be identical through chatcache.
 fn essence(resp: &(u16, String, Vec<u8>)) -> (u16, Option<String>, Vec<u8>) {
     let ct = resp
@@ -30,7 +33,7 @@ async fn rest_and_errors_pass_through_byte_identical() {
     wait_idle(&pg, chat).await;
 
     let auth = [("Coder-Session-Token", token.as_str())];
-    let cases: Vec<(&str, String, Vec<(&str, &str)>)> = vec![
+    let cases: Vec<Case<String>> = vec![
         (
             "GET",
             format!("/api/experimental/chats/{chat}"),
@@ -159,7 +162,7 @@ async fn streams_are_served_only_to_what_coderd_approves() {
     let cookie = format!("coder_session_token={token}");
     let bearer = format!("Bearer {token}");
     let bad_cookie = "coder_session_token=abc".to_string();
-    let denied: Vec<(&str, String, Vec<(&str, &str)>)> = vec![
+    let denied: Vec<Case<String>> = vec![
         ("no token", "after_id=0".into(), vec![]),
         (
             "malformed",
@@ -216,7 +219,7 @@ async fn streams_are_served_only_to_what_coderd_approves() {
     // Every token source that coderd accepts is accepted.
     let q_token = format!("after_id=0&coder_session_token={token}");
     let q_access = format!("after_id=0&access_token={token}");
-    let accepted: Vec<(&str, &str, Vec<(&str, &str)>)> = vec![
+    let accepted: Vec<Case<&str>> = vec![
         ("cookie", "after_id=0", vec![("Cookie", cookie.as_str())]),
         ("query", &q_token, vec![]),
         ("header", "after_id=0", vec![("Coder-Session-Token", token)]),
