@@ -199,3 +199,56 @@ async fn cold_subscribers_share_one_load_and_below_floor_reads_once() {
         1.0
     );
 }
+
+/// The array framing (April 2026) and queue changes, compared with coderd per event type.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn array_framing_and_queue_updates_match_coderd() {
+    let db = Scratch::new().await;
+    let users = seed(&db, 1, 1);
+    let (token, chat) = (&users[0].token, &users[0].chats[0]);
+    let sim_args = [
+        "--framing",
+        "array",
+        "--part-delay-ms",
+        "20",
+        "--turn-parts",
+        "5",
+    ];
+    let sim = start_sim(&db, "a", &sim_args).await;
+    let side = start_sidecar(&db, sim.addr, "framing = \"array\"\n").await;
+    let pg = db.client().await;
+
+    let mut direct = subscribe(sim.addr, chat, 0, token).await;
+    let mut cached = subscribe(side.addr, chat, 0, token).await;
+    // One message starts a turn; two more arrive while it runs and are queued, then promoted.
+    for text in ["first", "queued one", "queued two"] {
+        let (status, body) = post_message(side.addr, chat, token, text).await;
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    }
+    wait_idle(&pg, chat).await;
+    let ids = db_ids(&pg, chat).await;
+    // Three turns of user + assistant, the third with a tool call and its result.
+    assert_eq!(ids.len(), 8, "{ids:?}");
+    let done = |ev: &[Value]| message_ids(ev).last() == ids.last();
+    let got = cached.until(WAIT, done).await;
+    let want = direct.until(WAIT, done).await;
+    let of = |ev: &[Value], kind: &str| -> Vec<Value> {
+        ev.iter().filter(|e| e["type"] == kind).cloned().collect()
+    };
+    assert_eq!(message_ids(&got), ids);
+    assert_eq!(of(&got, "message"), of(&want, "message"));
+    assert_eq!(of(&got, "queue_update"), of(&want, "queue_update"));
+    assert!(of(&got, "queue_update")
+        .iter()
+        .any(|q| q.get("queued_messages").is_some()));
+    assert_eq!(
+        of(&got, "message_part").len(),
+        of(&want, "message_part").len()
+    );
+    for frame in &cached.frames {
+        assert!(
+            frame.starts_with('[') && frame.ends_with("]\n"),
+            "array framing: {frame}"
+        );
+    }
+}
