@@ -283,3 +283,76 @@ async fn sighup_changes_a_limit_live() {
     assert_eq!(metric(admin, "chatcache_subscribers").await, 2.0);
     assert!(metric(admin, "process_resident_memory_bytes").await > 0.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_parse_and_never_contain_credentials() {
+    let db = Scratch::new().await;
+    let users = seed(&db, 2, 1);
+    let (token, chat) = (&users[0].token, &users[0].chats[0]);
+    let sim = start_sim(&db, "a", &["--part-delay-ms", "1", "--turn-parts", "2"]).await;
+    let (addr, admin) = (free_addr(), free_addr());
+    let dir = std::env::temp_dir();
+    let config = dir.join(format!("cc-json-{}.toml", admin.port()));
+    let log = dir.join(format!("cc-json-{}.log", admin.port()));
+    std::fs::write(
+        &config,
+        format!(
+            "listen_addr = \"{addr}\"\nadmin_addr = \"{admin}\"\nupstream_url = \"http://{}\"\n\
+             database_url = \"{}\"\nlog_format = \"json\"\nlog_level = \"debug\"\n",
+            sim.addr, db.url
+        ),
+    )
+    .unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_chatcache"))
+        .args(["--config", config.to_str().unwrap()])
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let side = Proc {
+        child,
+        addr,
+        admin: Some(admin),
+    };
+    wait_port(admin).await;
+    while http(admin, "GET", "/ready", &[], "").await.0 != 200 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let pg = db.client().await;
+    let cookie = format!("coder_session_token={token}");
+    let mut s = try_subscribe(addr, chat, "after_id=0", &[("Cookie", &cookie)])
+        .await
+        .unwrap();
+    post_message(addr, chat, token, "logged").await;
+    wait_idle(&pg, chat).await;
+    s.events_for(Duration::from_millis(300)).await;
+    let denied = try_subscribe(
+        addr,
+        &users[1].chats[0],
+        "after_id=0",
+        &[("Cookie", &cookie)],
+    )
+    .await;
+    assert_eq!(denied.err().map(|e| e.0), Some(404));
+    side.signal(15);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    drop(side);
+
+    let text = std::fs::read_to_string(&log).unwrap();
+    let _ = std::fs::remove_file(&log);
+    let secret = token.split_once('-').unwrap().1;
+    assert!(text.lines().count() >= 5, "{text}");
+    for line in text.lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(
+            v["level"].is_string() && v["fields"]["message"].is_string(),
+            "{line}"
+        );
+        assert!(!line.contains(secret), "credential in a log line: {line}");
+    }
+    assert!(
+        text.contains(&format!("\"chat.id\":\"{chat}\"")),
+        "chat logs carry chat.id"
+    );
+}
