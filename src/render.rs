@@ -62,64 +62,39 @@ enum Field {
     Internal,
 }
 
-const TARGET_PARTS: &[(&str, Field)] = &[
-    ("type", Field::Str),
-    ("text", Field::Str),
-    ("signature", Field::OptStr),
-    ("tool_call_id", Field::OptStr),
-    ("tool_name", Field::OptStr),
-    ("args", Field::OptRaw),
-    ("args_delta", Field::OptStr),
-    ("result", Field::OptRaw),
-    ("result_delta", Field::OptStr),
-    ("is_error", Field::OptBool),
-    ("is_media", Field::OptBool),
-    ("source_id", Field::OptStr),
-    ("url", Field::Str),
-    ("title", Field::OptStr),
-    ("media_type", Field::Str),
-    ("data", Field::Data),
-    ("file_id", Field::NullUuid),
-    ("file_name", Field::Str),
-    ("start_line", Field::Int),
-    ("end_line", Field::Int),
-    ("content", Field::Str),
-    ("provider_metadata", Field::Internal),
-    ("provider_executed", Field::OptBool),
-];
-
-/// The late-March 2026 struct (array framing era): MCP id and context-file fields exist.
-const LATE_MARCH_PARTS: &[(&str, Field)] = &[
-    ("type", Field::Str),
-    ("text", Field::Str),
-    ("signature", Field::OptStr),
-    ("tool_call_id", Field::OptStr),
-    ("tool_name", Field::OptStr),
-    ("mcp_server_config_id", Field::NullUuid),
-    ("args", Field::OptRaw),
-    ("args_delta", Field::OptStr),
-    ("result", Field::OptRaw),
-    ("result_delta", Field::OptStr),
-    ("is_error", Field::OptBool),
-    ("is_media", Field::OptBool),
-    ("source_id", Field::OptStr),
-    ("url", Field::Str),
-    ("title", Field::OptStr),
-    ("media_type", Field::Str),
-    ("data", Field::Data),
-    ("file_id", Field::NullUuid),
-    ("file_name", Field::Str),
-    ("start_line", Field::Int),
-    ("end_line", Field::Int),
-    ("content", Field::Str),
-    ("provider_metadata", Field::Internal),
-    ("provider_executed", Field::OptBool),
-    ("context_file_path", Field::Str),
-    ("context_file_content", Field::Internal),
-    ("context_file_truncated", Field::OptBool),
-    ("context_file_agent_id", Field::NullUuid),
-    ("context_file_os", Field::Internal),
-    ("context_file_directory", Field::Internal),
+/// `ChatMessagePart` in declaration order. The flag marks fields that exist only in the
+/// late-March 2026 struct (PR #23522 and #23592), i.e. in the array-framing era.
+const PARTS: &[(&str, Field, bool)] = &[
+    ("type", Field::Str, false),
+    ("text", Field::Str, false),
+    ("signature", Field::OptStr, false),
+    ("tool_call_id", Field::OptStr, false),
+    ("tool_name", Field::OptStr, false),
+    ("mcp_server_config_id", Field::NullUuid, true),
+    ("args", Field::OptRaw, false),
+    ("args_delta", Field::OptStr, false),
+    ("result", Field::OptRaw, false),
+    ("result_delta", Field::OptStr, false),
+    ("is_error", Field::OptBool, false),
+    ("is_media", Field::OptBool, false),
+    ("source_id", Field::OptStr, false),
+    ("url", Field::Str, false),
+    ("title", Field::OptStr, false),
+    ("media_type", Field::Str, false),
+    ("data", Field::Data, false),
+    ("file_id", Field::NullUuid, false),
+    ("file_name", Field::Str, false),
+    ("start_line", Field::Int, false),
+    ("end_line", Field::Int, false),
+    ("content", Field::Str, false),
+    ("provider_metadata", Field::Internal, false),
+    ("provider_executed", Field::OptBool, false),
+    ("context_file_path", Field::Str, true),
+    ("context_file_content", Field::Internal, true),
+    ("context_file_truncated", Field::OptBool, true),
+    ("context_file_agent_id", Field::NullUuid, true),
+    ("context_file_os", Field::Internal, true),
+    ("context_file_directory", Field::Internal, true),
 ];
 
 /// Renders a row as a complete `message` stream event.
@@ -176,18 +151,15 @@ pub fn go_time(t: &DateTime<Utc>) -> String {
 /// Decodes stored parts like `json.Unmarshal` into `[]ChatMessagePart`; `None` on any error
 /// (coderd swallows the error and sends the message without content).
 fn render_parts(content: &Value, framing: Framing) -> Option<Vec<Value>> {
-    let fields = match framing {
-        Framing::Envelope => TARGET_PARTS,
-        Framing::Array => LATE_MARCH_PARTS,
-    };
+    let late_march = framing == Framing::Array;
     match content {
         Value::Null => Some(Vec::new()),
-        Value::Array(parts) => parts.iter().map(|p| render_part(p, fields)).collect(),
+        Value::Array(parts) => parts.iter().map(|p| render_part(p, late_march)).collect(),
         _ => None,
     }
 }
 
-fn render_part(part: &Value, fields: &[(&str, Field)]) -> Option<Value> {
+fn render_part(part: &Value, late_march: bool) -> Option<Value> {
     let obj = match part {
         Value::Object(o) => o,
         Value::Null => &Map::new(),
@@ -195,7 +167,10 @@ fn render_part(part: &Value, fields: &[(&str, Field)]) -> Option<Value> {
     };
     let file_id_set = matches!(obj.get("file_id"), Some(Value::String(_)));
     let mut out = Map::new();
-    for &(key, kind) in fields {
+    for &(key, kind, late) in PARTS {
+        if late && !late_march {
+            continue;
+        }
         let v = obj.get(key).filter(|v| !v.is_null());
         match kind {
             Field::Str => {
