@@ -69,6 +69,7 @@ impl Cache {
         RingLimits {
             max_messages: l.max_messages_per_chat,
             max_bytes: l.max_bytes_per_chat,
+            grace: Duration::from_millis(l.hole_grace_ms),
         }
     }
 
@@ -147,18 +148,49 @@ impl Cache {
     /// A LISTEN announcement: message `id` exists in `chat`.
     pub fn announce(self: &Arc<Self>, chat_id: Uuid, id: i64) {
         if let Some(chat) = self.get(&chat_id) {
-            self.apply(&chat, |state, _| state.ring.announce(id));
+            self.apply(&chat, |state, limits| state.ring.announce(id, limits));
         }
     }
 
-    /// After the grace period, any announced message still missing is read from Postgres.
+    /// Once an announced message has been missing for the grace period, it is read from
+    /// Postgres. One checker per chat; it sleeps until the oldest pending id is due.
     fn spawn_hole_check(self: &Arc<Self>, chat: Arc<Chat>) {
+        {
+            let mut state = chat.lock();
+            if state.hole_check_running {
+                return;
+            }
+            state.hole_check_running = true;
+        }
         let cache = self.clone();
-        let grace = Duration::from_millis(self.limits().hole_grace_ms);
         tokio::spawn(async move {
-            tokio::time::sleep(grace).await;
-            if !chat.is_closed() && chat.lock().ring.has_pending() {
-                cache.spawn_repair(chat);
+            loop {
+                let grace = cache.ring_limits().grace;
+                let due = chat.lock().ring.due_in(grace);
+                match due {
+                    Some(wait) if !wait.is_zero() && !chat.is_closed() => {
+                        tokio::time::sleep(wait).await;
+                    }
+                    Some(_) if !chat.is_closed() => {
+                        // Expiring may release messages or ask for a repair; keep checking
+                        // while anything still waits.
+                        cache.apply(&chat, |state, limits| state.ring.expire(limits));
+                        tokio::task::yield_now().await;
+                        let still = chat.lock().ring.due_in(grace);
+                        if still.is_some_and(|d| d.is_zero()) {
+                            tokio::time::sleep(grace.max(Duration::from_millis(10))).await;
+                        }
+                    }
+                    _ => {
+                        // Re-checked under the lock that announcements take, so none is missed.
+                        let mut state = chat.lock();
+                        if state.ring.due_in(grace).is_some() && !chat.is_closed() {
+                            continue;
+                        }
+                        state.hole_check_running = false;
+                        return;
+                    }
+                }
             }
         });
     }
@@ -181,11 +213,12 @@ impl Cache {
                     let state = chat.lock();
                     (
                         state.epoch,
-                        state.ring.proven_head,
+                        state.ring.repair_from(),
                         state.ring.pending_ids(),
                     )
                 };
                 cache.metrics.hole_repairs.inc();
+                tracing::debug!(chat.id = %chat.id, from, ?pending, "repairing a hole");
                 let result = cache.read_events(ReadReason::Repair, chat.id, from).await;
                 let mut again = false;
                 match result {
@@ -209,11 +242,19 @@ impl Cache {
                     }
                 }
                 let mut state = chat.lock();
-                again |= std::mem::take(&mut state.repair_again) || state.ring.has_pending();
-                if !again || chat.is_closed() {
-                    state.repair_running = false;
-                    return;
+                // Another read only helps if something is still missing.
+                again |= std::mem::take(&mut state.repair_again) && state.ring.has_pending();
+                if again && !chat.is_closed() {
+                    continue;
                 }
+                state.repair_running = false;
+                // Ids announced while the read ran get their own grace period.
+                let waiting = state.ring.has_pending() || state.ring.staged_len() > 0;
+                drop(state);
+                if waiting && !chat.is_closed() {
+                    cache.spawn_hole_check(chat);
+                }
+                return;
             }
         });
     }

@@ -80,6 +80,8 @@ pub struct ChatState {
     refresh_staged: Vec<(i64, Bytes)>,
     pub repair_running: bool,
     pub repair_again: bool,
+    /// A task is waiting for the oldest pending id to come due.
+    pub hole_check_running: bool,
 }
 
 pub struct Chat {
@@ -106,6 +108,7 @@ impl Chat {
             refresh_staged: Vec::new(),
             repair_running: false,
             repair_again: false,
+            hole_check_running: false,
         };
         Self {
             id,
@@ -196,7 +199,7 @@ impl ChatState {
                 ..Effects::default()
             };
             for id in announced {
-                fx.merge(self.ring.announce(id));
+                fx.merge(self.ring.announce(id, limits));
             }
             fx
         } else {
@@ -410,9 +413,21 @@ impl ChatState {
             .filter(|e| e.id > top)
             .map(|e| (e.id, e.event.clone()))
             .collect();
+        let (pending, staged) = self.ring.take_waiting();
         self.ring = Ring::from_read(0, rows, limits);
         for (id, event) in carried {
             self.ring.feed_message(id, event, limits);
+            self.ring.announce(id, limits);
+        }
+        // What was announced or staged but not yet resolved stays so in the new ring.
+        for id in pending {
+            self.ring.announce(id, limits);
+        }
+        for (id, event, heard) in staged {
+            self.ring.feed_message(id, event, limits);
+            if heard {
+                self.ring.announce(id, limits);
+            }
         }
         self.refreshing = false;
         self.release_refresh_staged(limits);

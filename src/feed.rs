@@ -195,6 +195,9 @@ async fn follow(
                     continue;
                 }
                 for (head, bytes) in parsed {
+                    if let Some(m) = &head.message {
+                        tracing::trace!(chat.id = %chat.id, id = m.id, "feed message");
+                    }
                     if is_stream_failure(&head) {
                         return Stop::Broken(FeedError::Ended("coderd dropped notifications".into()));
                     }

@@ -98,7 +98,12 @@ async fn run(config: Config, path: Option<PathBuf>, filter: FilterHandle) -> Exi
     tracing::info!("shutting down: closing streams with 1001 and draining requests");
     running.app.shutdown.send_replace(true);
     let grace = running.app.config().shutdown_grace();
-    let _ = tokio::time::timeout(grace + std::time::Duration::from_secs(1), running.proxy).await;
+    let deadline = tokio::time::Instant::now() + grace;
+    let _ = tokio::time::timeout_at(deadline, running.proxy).await;
+    // Streams are told to go at once; give their close frames time to leave.
+    while running.app.metrics.subscribers.get() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
     tracing::info!("bye");
     ExitCode::SUCCESS
 }

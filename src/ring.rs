@@ -3,11 +3,15 @@
 //! Invariant: every visible message with `floor < id <= proven_head` is in the ring. Messages
 //! above `proven_head` arrived from coderd's stream (the feed) and are checked against the LISTEN
 //! ledger: every `after_message_id` notify announces id `after_message_id + 1`. An announced id
-//! that is not held is *pending*. A feed message above a pending id is *staged* (held back) so
-//! that subscribers never see a later message before an earlier one; a database read of
-//! `id > proven_head` then resolves both.
+//! that is not held is *pending*. Every feed message is *staged* until its own announcement has
+//! been heard (or the grace period passed), and while a pending id lies below it: Postgres
+//! delivers notifies to every listener in one order, so by the time a message's announcement is
+//! heard, the announcements coderd reacted to before sending it have been heard too. A pending
+//! id below a staged message is a hole (coderd's stream skipped it): one database read of the
+//! ids from the lowest pending one resolves both, and subscribers still see id order.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
@@ -44,6 +48,17 @@ impl Effects {
 pub struct RingLimits {
     pub max_messages: usize,
     pub max_bytes: usize,
+    /// How long a message may wait for its announcement, or an announced id for its message.
+    pub grace: Duration,
+}
+
+/// A feed message not yet visible to subscribers.
+#[derive(Debug)]
+struct Staged {
+    event: Bytes,
+    /// Its own announcement has been heard on LISTEN.
+    heard: bool,
+    since: Instant,
 }
 
 #[derive(Debug, Default)]
@@ -55,8 +70,9 @@ pub struct Ring {
     next_seq: u64,
     /// Highest seq that was inserted below the head (out of id order); 0 when none.
     pub last_late_seq: u64,
-    pending: BTreeSet<i64>,
-    staged: BTreeMap<i64, Bytes>,
+    /// Announced ids not held yet, with when they were announced.
+    pending: BTreeMap<i64, Instant>,
+    staged: BTreeMap<i64, Staged>,
 }
 
 impl Ring {
@@ -101,8 +117,34 @@ impl Ring {
         !self.pending.is_empty()
     }
 
+    /// Messages staged behind a pending id or their own announcement.
+    pub fn staged_len(&self) -> usize {
+        self.staged.len()
+    }
+
+    /// Ids staged or pending, for carrying them into a rebuilt ring.
+    pub fn take_waiting(&mut self) -> (Vec<i64>, Vec<(i64, Bytes, bool)>) {
+        let pending = std::mem::take(&mut self.pending).into_keys().collect();
+        let staged = std::mem::take(&mut self.staged)
+            .into_iter()
+            .map(|(id, s)| (id, s.event, s.heard))
+            .collect();
+        (pending, staged)
+    }
+
     pub fn pending_ids(&self) -> Vec<i64> {
-        self.pending.iter().copied().collect()
+        self.pending.keys().copied().collect()
+    }
+
+    /// Where a repair read starts: just below the lowest pending id, but never below what is
+    /// proven (a read from there would be wasted) — the read returns every visible id above.
+    pub fn repair_from(&self) -> i64 {
+        let lowest = self
+            .pending
+            .keys()
+            .next()
+            .map_or(self.proven_head, |&id| id - 1);
+        lowest.max(self.proven_head)
     }
 
     fn position(&self, id: i64) -> Result<usize, usize> {
@@ -144,9 +186,13 @@ impl Ring {
     }
 
     /// A LISTEN announcement of message `id` (from any replica).
-    pub fn announce(&mut self, id: i64) -> Effects {
+    pub fn announce(&mut self, id: i64, limits: RingLimits) -> Effects {
         if id <= self.proven_head || id <= self.floor || self.holds(id) {
             return Effects::default();
+        }
+        if let Some(staged) = self.staged.get_mut(&id) {
+            staged.heard = true;
+            return self.release_staged(limits, false);
         }
         let mut fx = Effects::default();
         if id < self.head() {
@@ -155,29 +201,44 @@ impl Ring {
         } else {
             fx.check_later = true;
         }
-        self.pending.insert(id);
+        self.pending.entry(id).or_insert_with(Instant::now);
         fx
     }
 
     /// A message delivered by the feed, with coderd's exact bytes.
     pub fn feed_message(&mut self, id: i64, event: Bytes, limits: RingLimits) -> Effects {
-        if id <= self.floor || self.holds(id) {
+        if id <= self.floor || self.holds(id) || self.staged.contains_key(&id) {
             return Effects::default();
         }
-        self.pending.remove(&id);
-        if self.pending.range(..id).next().is_some() {
-            self.staged.insert(id, event);
-            return Effects {
-                repair_now: true,
-                ..Effects::default()
-            };
+        let heard = self.pending.remove(&id).is_some();
+        self.staged.insert(
+            id,
+            Staged {
+                event,
+                heard,
+                since: Instant::now(),
+            },
+        );
+        self.release_staged(limits, false)
+    }
+
+    /// How long until the oldest pending id or unheard staged message has waited `grace`;
+    /// zero when one already has, `None` when nothing waits.
+    pub fn due_in(&self, grace: Duration) -> Option<Duration> {
+        let pending = self.pending.values();
+        let unheard = self.staged.values().filter(|s| !s.heard).map(|s| &s.since);
+        let oldest = pending.chain(unheard).min()?;
+        Some(grace.saturating_sub(oldest.elapsed()))
+    }
+
+    /// After the grace period: staged messages whose announcement never came are released, and
+    /// a pending id that is overdue asks for a repair read.
+    pub fn expire(&mut self, limits: RingLimits) -> Effects {
+        let mut fx = self.release_staged(limits, true);
+        if self.pending.values().any(|t| t.elapsed() >= limits.grace) {
+            fx.repair_now = true;
         }
-        let advanced = self.insert_sorted(id, event);
-        self.trim(limits);
-        Effects {
-            advanced,
-            ..Effects::default()
-        }
+        fx
     }
 
     /// Merges a read of `id > from` that started when `pending_at_start` were pending.
@@ -195,7 +256,7 @@ impl Ring {
         let mut top = from;
         for (id, event) in rows {
             top = top.max(id);
-            let event = self.staged.remove(&id).unwrap_or(event);
+            let event = self.staged.remove(&id).map_or(event, |s| s.event);
             if id > self.floor {
                 advanced |= self.insert_sorted(id, event);
             }
@@ -207,25 +268,31 @@ impl Ring {
             self.pending.remove(id);
         }
         self.pending
-            .retain(|&id| id > top || !self.entries.iter().any(|e| e.id == id));
-        let mut fx = self.release_staged(limits);
+            .retain(|&id, _| id > top || !self.entries.iter().any(|e| e.id == id));
+        let mut fx = self.release_staged(limits, false);
         fx.advanced |= advanced;
         self.trim(limits);
         fx
     }
 
-    /// Moves staged messages into the ring when no pending id lies below them any more.
-    fn release_staged(&mut self, limits: RingLimits) -> Effects {
+    /// Moves staged messages into the ring, in id order, while no pending id lies below them
+    /// and their announcement has been heard (or, with `expired`, the grace period passed).
+    fn release_staged(&mut self, limits: RingLimits, expired: bool) -> Effects {
         let mut fx = Effects::default();
-        while let Some((&id, _)) = self.staged.iter().next() {
+        while let Some((&id, staged)) = self.staged.iter().next() {
             if self.pending.range(..id).next().is_some() {
                 fx.repair_now = true;
                 break;
             }
-            let event = self.staged.remove(&id).expect("key just seen");
+            let due = expired && staged.since.elapsed() >= limits.grace;
+            if !staged.heard && !due {
+                fx.check_later = true;
+                break;
+            }
+            let staged = self.staged.remove(&id).expect("key just seen");
             self.pending.remove(&id);
             if !self.holds(id) && id > self.floor {
-                fx.advanced |= self.insert_sorted(id, event);
+                fx.advanced |= self.insert_sorted(id, staged.event);
             }
         }
         self.trim(limits);
@@ -290,6 +357,7 @@ mod tests {
     const LIMITS: RingLimits = RingLimits {
         max_messages: 100,
         max_bytes: 1 << 20,
+        grace: Duration::from_secs(60),
     };
 
     fn ev(id: i64) -> Bytes {
@@ -301,37 +369,65 @@ mod tests {
     }
 
     #[test]
-    fn feed_messages_append_in_order() {
+    fn feed_messages_wait_for_their_announcement() {
         let mut ring = Ring::from_read(0, vec![(10, ev(10))], LIMITS);
         assert_eq!(ring.proven_head, 10);
-        assert!(ring.feed_message(12, ev(12), LIMITS).advanced);
+        let fx = ring.feed_message(12, ev(12), LIMITS);
+        assert!(!fx.advanced && fx.check_later, "staged until announced");
         assert_eq!(ring.feed_message(12, ev(12), LIMITS), Effects::default());
+        assert!(ring.announce(12, LIMITS).advanced);
         assert_eq!(ids(&ring), vec![10, 12]);
         assert_eq!(ring.after(10).map(|e| e.id).collect::<Vec<_>>(), vec![12]);
         assert_eq!(ring.head(), 12);
+        // Announced first, delivered second: visible at once.
+        ring.announce(13, LIMITS);
+        assert!(ring.feed_message(13, ev(13), LIMITS).advanced);
     }
 
     #[test]
+    fn unannounced_messages_are_released_after_the_grace() {
+        let quick = RingLimits {
+            grace: Duration::ZERO,
+            ..LIMITS
+        };
+        let mut ring = Ring::from_read(0, vec![], quick);
+        ring.feed_message(7, ev(7), LIMITS);
+        assert_eq!(
+            ring.due_in(LIMITS.grace).map(|d| d > Duration::ZERO),
+            Some(true)
+        );
+        assert!(ring.expire(quick).advanced);
+        assert_eq!(ids(&ring), vec![7]);
+        assert_eq!(ring.due_in(LIMITS.grace), None);
+    }
+
+    /// coderd's cache answered notify 10 with message 11 and skipped 10 (protocol doc 10).
+    #[test]
     fn feed_message_above_a_pending_id_is_staged_until_the_read() {
         let mut ring = Ring::from_read(0, vec![(9, ev(9))], LIMITS);
-        assert!(ring.announce(10).check_later);
+        assert!(ring.announce(10, LIMITS).check_later);
         let fx = ring.feed_message(11, ev(11), LIMITS);
         assert!(fx.repair_now && !fx.advanced);
         assert_eq!(ids(&ring), vec![9]);
+        assert_eq!(ring.repair_from(), 9);
         let pending = ring.pending_ids();
         let fx = ring.merge_read(9, vec![(10, ev(10)), (11, ev(11))], &pending, LIMITS);
         assert!(fx.advanced && !fx.repair_now);
         assert_eq!(ids(&ring), vec![9, 10, 11]);
         assert_eq!(ring.proven_head, 11);
         assert!(!ring.has_pending());
+        assert_eq!(ring.staged_len(), 0);
     }
 
+    /// The notifies of two replicas crossed: 11 was announced and delivered before 10 was
+    /// announced. 10 is still delivered, late, to every subscriber.
     #[test]
     fn late_announcement_below_head_is_a_hole_delivered_by_seq() {
         let mut ring = Ring::from_read(0, vec![(9, ev(9))], LIMITS);
-        ring.feed_message(11, ev(11), LIMITS);
+        ring.announce(11, LIMITS);
+        assert!(ring.feed_message(11, ev(11), LIMITS).advanced);
         let seen = ring.max_seq();
-        assert!(ring.announce(10).repair_now);
+        assert!(ring.announce(10, LIMITS).repair_now);
         let pending = ring.pending_ids();
         ring.merge_read(9, vec![(10, ev(10)), (11, ev(11))], &pending, LIMITS);
         let late: Vec<i64> = ring.since(seen, 9).iter().map(|e| e.id).collect();
@@ -341,7 +437,7 @@ mod tests {
     #[test]
     fn pending_id_missing_from_the_read_was_deleted() {
         let mut ring = Ring::from_read(0, vec![], LIMITS);
-        ring.announce(5);
+        ring.announce(5, LIMITS);
         let pending = ring.pending_ids();
         ring.merge_read(0, vec![], &pending, LIMITS);
         assert!(!ring.has_pending());
@@ -352,6 +448,7 @@ mod tests {
         let limits = RingLimits {
             max_messages: 2,
             max_bytes: 1 << 20,
+            grace: Duration::ZERO,
         };
         let ring = Ring::from_read(0, (1..=5).map(|i| (i, ev(i))).collect(), limits);
         assert_eq!(ids(&ring), vec![4, 5]);
@@ -359,6 +456,7 @@ mod tests {
         let small = RingLimits {
             max_messages: 10,
             max_bytes: 20,
+            grace: Duration::ZERO,
         };
         let ring = Ring::from_read(0, (1..=5).map(|i| (i, ev(i))).collect(), small);
         assert!(ring.bytes <= 20, "{}", ring.bytes);
@@ -368,6 +466,7 @@ mod tests {
     fn since_returns_only_new_entries() {
         let mut ring = Ring::from_read(0, vec![(1, ev(1)), (2, ev(2))], LIMITS);
         let seen = ring.max_seq();
+        ring.announce(3, LIMITS);
         ring.feed_message(3, ev(3), LIMITS);
         assert_eq!(
             ring.since(seen, 0).iter().map(|e| e.id).collect::<Vec<_>>(),

@@ -289,8 +289,9 @@ async fn serve(
         }
     };
     chat.lock().unsubscribe(sub.id);
-    app.metrics.subscribers.dec();
     finish(&app, &chat, &mut ws, end).await;
+    // Counted down only once the close frame is out: shutdown waits for this to reach zero.
+    app.metrics.subscribers.dec();
 }
 
 enum End {
