@@ -3,7 +3,7 @@
 //! All state sits behind one `std::sync::Mutex` that is never held across an `.await`; every
 //! method here is synchronous and returns what the caller must do next (read, wake, reconnect).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
@@ -70,7 +70,7 @@ pub struct ChatState {
     generation: u64,
     pub ring: Ring,
     status: Option<Bytes>,
-    parts: Vec<Bytes>,
+    parts: VecDeque<Bytes>,
     queue: Option<Bytes>,
     subscribers: HashMap<u64, SubscriberSlot>,
     next_subscriber: u64,
@@ -99,7 +99,7 @@ impl Chat {
             generation: 1,
             ring: Ring::default(),
             status: None,
-            parts: Vec::new(),
+            parts: VecDeque::new(),
             queue: None,
             subscribers: HashMap::new(),
             next_subscriber: 1,
@@ -184,7 +184,7 @@ impl ChatState {
                     }
                 }
                 "status" => self.status = Some(bytes),
-                "message_part" => self.parts.push(bytes),
+                "message_part" => self.parts.push_back(bytes),
                 "queue_update" => {
                     self.queue = head.queued_messages.is_some().then_some(bytes);
                 }
@@ -226,9 +226,9 @@ impl ChatState {
             }
             "message_part" => {
                 if self.parts.len() >= MAX_BUFFERED_PARTS {
-                    self.parts.remove(0);
+                    self.parts.pop_front();
                 }
-                self.parts.push(bytes.clone());
+                self.parts.push_back(bytes.clone());
             }
             "status" => {
                 if head.status.as_ref().is_some_and(|s| s.status != "running") {
