@@ -128,7 +128,8 @@ async fn connect(
         .await
         .map_err(|_| FeedError::Connect("timed out".into()))?
         .map_err(|e| FeedError::Connect(e.to_string()))?;
-    let handshake = tokio_tungstenite::client_async(req, tcp);
+    let handshake =
+        tokio_tungstenite::client_async_with_config(req, tcp, Some(wire::websocket_config()));
     match tokio::time::timeout(ctx.connect_timeout, handshake).await {
         Err(_) => Err(FeedError::Connect("handshake timed out".into())),
         Ok(Ok((ws, _))) => Ok(ws),

@@ -91,9 +91,12 @@ pub async fn handle(
     tokio::spawn(async move {
         match upgrade.await {
             Ok(upgraded) => {
-                let ws =
-                    WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None)
-                        .await;
+                let ws = WebSocketStream::from_raw_socket(
+                    TokioIo::new(upgraded),
+                    Role::Server,
+                    Some(wire::websocket_config()),
+                )
+                .await;
                 serve(app2, chat, subscription, snapshot, ws, shutdown).await;
             }
             Err(e) => {

@@ -12,6 +12,18 @@ use crate::config::Framing;
 /// coderd's `chatStreamBatchSize`: events per WebSocket frame at most.
 pub const MAX_EVENTS_PER_FRAME: usize = 256;
 
+/// WebSocket settings for every socket chatcache holds: small buffers, because a sidecar holds a
+/// socket per subscriber and per cached chat (tungstenite's defaults are 128 KiB each way), and
+/// the message limit of coderd's stock client (4 MiB) for what it reads from coderd.
+pub fn websocket_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
+    let mut config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default();
+    config.read_buffer_size = 8 << 10;
+    config.write_buffer_size = 0;
+    config.max_message_size = Some(4 << 20);
+    config.max_frame_size = Some(4 << 20);
+    config
+}
+
 /// Encodes a value as Go's `json.Encoder` would with HTML escaping on (no trailing newline).
 pub fn go_json<T: Serialize + ?Sized>(value: &T) -> Vec<u8> {
     let plain = serde_json::to_vec(value).expect("serializing plain data cannot fail");

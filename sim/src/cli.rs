@@ -73,6 +73,9 @@ pub struct ServeArgs {
     /// Other replicas, `NAME=ADDR,...`, for the part relay.
     #[arg(long, default_value = "")]
     pub peers: String,
+    /// Connections in the query pool.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub db_pool_size: u32,
 }
 
 impl ServeArgs {
@@ -85,6 +88,7 @@ impl ServeArgs {
             turn_parts: self.turn_parts,
             part_delay: Duration::from_millis(self.part_delay_ms),
             access_url: format!("http://{}", self.listen),
+            db_pool_size: self.db_pool_size,
         }
     }
 }

@@ -12,7 +12,6 @@ pub type Pool = bb8::Pool<PostgresConnectionManager<NoTls>>;
 
 /// Connections a replica's pool may open; coderd's pools saturate at 60 under load, far more
 /// than a test needs, so this stays modest.
-const POOL_MAX_CONNECTIONS: u32 = 20;
 
 /// Failures talking to Postgres. Whose fault it is shows in the source: the server or network
 /// (`Postgres`), or an exhausted pool (`Pool`).
@@ -35,10 +34,10 @@ pub fn config(database_url: &str, replica: &str) -> Result<Config, DbError> {
 }
 
 /// Opens the replica's pool and checks that Postgres answers.
-pub async fn pool(database_url: &str, replica: &str) -> Result<Pool, DbError> {
+pub async fn pool(database_url: &str, replica: &str, max_size: u32) -> Result<Pool, DbError> {
     let manager = PostgresConnectionManager::new(config(database_url, replica)?, NoTls);
     let pool = bb8::Pool::builder()
-        .max_size(POOL_MAX_CONNECTIONS)
+        .max_size(max_size)
         .build(manager)
         .await?;
     drop(pool.get().await?);

@@ -32,6 +32,9 @@ pub struct Settings {
     pub part_delay: Duration,
     /// Base URL clients reach this replica at; named in `WWW-Authenticate`.
     pub access_url: String,
+    /// Connections in the replica's query pool (coderd's default pool is larger; tests that
+    /// run many replicas side by side keep it small).
+    pub db_pool_size: u32,
 }
 
 /// A peer replica, found by the `worker_id` its name derives to.

@@ -56,7 +56,7 @@ pub async fn serve(
     peers: HashMap<uuid::Uuid, Peer>,
 ) -> Result<(), ServeError> {
     let name = settings.name.clone();
-    let pool = db::pool(database_url, &name).await?;
+    let pool = db::pool(database_url, &name, settings.db_pool_size).await?;
     let listener = Listener::start(db::config(database_url, &name)?).await?;
     let publisher = Publisher::start(db::config(database_url, &name)?, pool.clone()).await?;
     let tcp = TcpListener::bind(listen)

@@ -194,6 +194,8 @@ pub async fn start_sim(db: &Scratch, replica: &str, extra: &[&str]) -> Proc {
             &db.url,
         ])
         .args(["--replica", replica])
+        // Small pools: tests run side by side on one Postgres with 100 connections.
+        .args(["--db-pool-size", "4"])
         .args(extra)
         .stdout(quiet())
         .stderr(quiet())
