@@ -29,6 +29,7 @@ pub struct RunContext {
 
 /// Everything measured in one mode. The first block is the headline; the rest is detail.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct ModeResult {
     /// `GetChatMessagesByChatID`-shaped statements per follow-up turn (pg_stat_statements).
     pub catchup_reads_per_turn: f64,

@@ -179,6 +179,7 @@ pub fn is_judge_query(query: &str) -> bool {
 
 /// Peak open connections to the run's database while sampling.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Peaks {
     /// Every connection, chatload's and the scaletest's included.
     pub all: u64,
@@ -186,6 +187,10 @@ pub struct Peaks {
     pub product: u64,
     /// Per `application_name`, each its own peak.
     pub by_app: BTreeMap<String, u64>,
+    /// Connections of the system under test that were running a statement or inside a
+    /// transaction (`state <> 'idle'`): the work, not the pool size.
+    pub product_busy: u64,
+    pub busy_by_app: BTreeMap<String, u64>,
     pub samples: u64,
 }
 
@@ -207,7 +212,8 @@ impl ActivitySampler {
                 tick.tick().await;
                 let Ok(rows) = client
                     .query(
-                        "SELECT coalesce(application_name, ''), count(*) FROM pg_stat_activity \
+                        "SELECT coalesce(application_name, ''), count(*), \
+                         count(*) FILTER (WHERE state <> 'idle') FROM pg_stat_activity \
                          WHERE datname = $1 GROUP BY 1",
                         &[&db],
                     )
@@ -216,19 +222,24 @@ impl ActivitySampler {
                     continue;
                 };
                 let mut peaks = shared.lock().unwrap_or_else(|e| e.into_inner());
-                let (mut all, mut product) = (0, 0);
+                let (mut all, mut product, mut product_busy) = (0, 0, 0);
                 for row in rows {
                     let app: String = row.get(0);
                     let count = row.get::<_, i64>(1).max(0) as u64;
+                    let busy = row.get::<_, i64>(2).max(0) as u64;
                     all += count;
                     if app != JUDGE_APP && app != APP_NAME {
                         product += count;
+                        product_busy += busy;
                     }
+                    let peak = peaks.busy_by_app.entry(app.clone()).or_default();
+                    *peak = (*peak).max(busy);
                     let peak = peaks.by_app.entry(app).or_default();
                     *peak = (*peak).max(count);
                 }
                 peaks.all = peaks.all.max(all);
                 peaks.product = peaks.product.max(product);
+                peaks.product_busy = peaks.product_busy.max(product_busy);
                 peaks.samples += 1;
             }
         });

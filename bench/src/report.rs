@@ -30,13 +30,16 @@ pub struct Host {
 }
 
 /// What every per-turn figure means; copied into each result file.
-pub const NOTES: [&str; 6] = [
+pub const NOTES: [&str; 7] = [
     "per-turn figures divide by follow-up turns = chats x (turns - 1), as coderd's scaletest did",
     "catch-up reads: pg_stat_statements calls of GetChatMessagesByChatID-shaped statements \
      (FROM chat_messages, id > $n, visibility filter), from coderd-sim and chatcache alike",
     "queries: every statement in the run's database except chatload's own history checks",
     "peak_db_connections: peak pg_stat_activity count of the system under test (coderd-sim \
      replicas and chatcache), sampled every 100 ms; chatload's pool is in connections.all",
+    "peak busy DB connections (connections.product_busy): the same, counting only connections \
+     that were not idle (running a statement or inside a transaction); coderd-sim keeps up to 20 \
+     pooled connections open per replica, so the open count mostly shows its pool size",
     "peak_rss_bytes and cpu_seconds: sums over the system under test (replicas, sidecars)",
     "proxy_added_p50_us: p50 of GET /api/experimental/chats/{chat} through chatcache minus \
      p50 direct, 200 sequential requests each way; only meaningful in the chatcache mode",
@@ -45,13 +48,16 @@ pub const NOTES: [&str; 6] = [
 /// One row of the table: a label and how to read it from a mode.
 type Row = (&'static str, fn(&ModeResult) -> Option<f64>);
 
-const ROWS: [Row; 12] = [
+const ROWS: [Row; 13] = [
     ("catch-up reads / follow-up turn", |m| {
         Some(m.catchup_reads_per_turn)
     }),
     ("all queries / follow-up turn", |m| Some(m.queries_per_turn)),
     ("peak DB connections", |m| {
         Some(m.peak_db_connections as f64)
+    }),
+    ("peak busy DB connections", |m| {
+        Some(m.connections.product_busy as f64)
     }),
     ("catch-up p50 ms", |m| m.catchup_p50_ms),
     ("catch-up p99 ms", |m| m.catchup_p99_ms),
