@@ -17,6 +17,8 @@ COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 COPY sim ./sim
 COPY tests ./tests
+COPY bench ./bench
+COPY benches ./benches
 # The cache mounts keep the registry and target dir between builds; the binary is copied out
 # in the same step because a cache mount is not part of the image.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \

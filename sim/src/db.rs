@@ -10,9 +10,6 @@ use tokio_postgres::{Client, Config, NoTls};
 /// The shared pool for request handlers, subscribers and the worker.
 pub type Pool = bb8::Pool<PostgresConnectionManager<NoTls>>;
 
-/// Connections a replica's pool may open; coderd's pools saturate at 60 under load, far more
-/// than a test needs, so this stays modest.
-
 /// Failures talking to Postgres. Whose fault it is shows in the source: the server or network
 /// (`Postgres`), or an exhausted pool (`Pool`).
 #[derive(Debug, thiserror::Error)]
