@@ -645,7 +645,7 @@ async fn credentials_get_coderds_answer() {
 /// until `authz.ttl_ms` has passed; streams already open stay open, as in coderd.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoked_token_is_refused_within_the_authz_ttl() {
-    const TTL_MS: u64 = 1500;
+    const TTL_MS: u64 = 3000;
     let db = Scratch::new().await;
     let users = seed(&db, 1, 1);
     let (token, chat) = (users[0].token.as_str(), users[0].chats[0].as_str());
@@ -687,7 +687,7 @@ async fn revoked_token_is_refused_within_the_authz_ttl() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     eprintln!("revoked token refused {refused_after:?} after coderd's last yes (ttl {TTL_MS} ms)");
-    assert!(refused_after <= Duration::from_millis(TTL_MS + 300));
+    assert!(refused_after <= Duration::from_millis(TTL_MS + 1000));
 
     // The stream opened before the revocation keeps running (the owner posts with a new key).
     let fresh = add_api_key(&pg, &users[0].id).await;
