@@ -28,11 +28,18 @@ if ! pg_isready -h 127.0.0.1 -p 5432 -q; then
     for _ in $(seq 1 30); do pg_isready -h 127.0.0.1 -p 5432 -q && break; sleep 1; done
 fi
 
-echo "demo: building (release)"
+for port in 3000 3001 8080 8081 9090 9091; do
+    if (echo > "/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+        echo "demo: port $port is already in use; stop what listens there first" >&2
+        exit 2
+    fi
+done
+
+echo "demo: building (release; the first build takes a few minutes)"
 cargo build --release -p chatcache -p coderd-sim --bins -q
 BIN=target/release
 
-psql -q "$PGURL/postgres" -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" >/dev/null
+psql -q "$PGURL/postgres" -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" >/dev/null 2>&1
 psql -q "$PGURL/postgres" -c "CREATE DATABASE $DB" >/dev/null
 URL="$PGURL/$DB"
 $BIN/coderd-sim migrate --database-url "$URL"
@@ -82,7 +89,15 @@ $BIN/chatload run --targets http://127.0.0.1:8080,http://127.0.0.1:8081 \
     --database-url "$URL" --json "$LOGS/chatload.json" || status=$?
 
 echo
-echo "chatcache metrics (both sidecars):"
+if [[ $status -eq 0 ]]; then
+    echo "demo: PASS - every subscriber holds exactly the history Postgres holds (0 lost," \
+        "0 duplicated, 0 out of order)"
+else
+    echo "demo: FAIL - chatload exit $status; see the table above and $LOGS"
+fi
+echo
+echo "chatcache metrics (both sidecars): catch-ups served from memory (hit), Postgres reads by"
+echo "reason, hole repairs (messages coderd's stream skipped), subscriptions passed to coderd:"
 for admin in 9090 9091; do
     curl -fs "http://127.0.0.1:$admin/metrics" \
         | grep -E '^chatcache_(catchup_total|db_reads_total|fail_open_total|hole_repairs_total|full_refreshes_total|listen_reconnects_total)' \

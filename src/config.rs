@@ -118,7 +118,7 @@ pub struct StreamConfig {
 }
 
 /// The Postgres pool used for catch-up, repair and refresh reads.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DbConfig {
     pub pool_max_size: u32,
@@ -266,15 +266,15 @@ impl Config {
         if url.scheme_str() != Some("http") || url.authority().is_none() {
             return Err(invalid("upstream_url", "must be an http://host:port URL"));
         }
-        if self.database_url.parse::<tokio_postgres::Config>().is_err() {
-            return Err(invalid("database_url", "not a Postgres connection string"));
+        match self.database_url.parse::<tokio_postgres::Config>() {
+            Ok(db) if !db.get_hosts().is_empty() => {}
+            _ => return Err(invalid("database_url", "not a Postgres URL with a host")),
         }
-        if self
-            .log_level
-            .parse::<tracing_subscriber::EnvFilter>()
-            .is_err()
-        {
-            return Err(invalid("log_level", "not a tracing filter (try \"info\")"));
+        if !valid_log_filter(&self.log_level) {
+            return Err(invalid(
+                "log_level",
+                "not a filter of levels, e.g. \"info\" or \"chatcache=debug,info\"",
+            ));
         }
         let positive: [(&'static str, u64); 8] = [
             (
@@ -343,16 +343,54 @@ fn parse_addr(field: &'static str, value: &str) -> Result<SocketAddr, ConfigErro
     })
 }
 
-/// Hides the password of a `postgres://user:password@host/db` URL or a `password=` key.
+/// A `tracing` filter whose every directive names a level: `level` or `target=level`.
+/// (`EnvFilter` itself accepts any word as a target, which would silently turn logging off.)
+fn valid_log_filter(filter: &str) -> bool {
+    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+    let directives: Vec<&str> = filter.split(',').map(str::trim).collect();
+    !filter.trim().is_empty()
+        && directives.iter().all(|d| {
+            let level = d.rsplit_once('=').map_or(*d, |(target, level)| {
+                if target.is_empty() || target.contains(char::is_whitespace) {
+                    ""
+                } else {
+                    level
+                }
+            });
+            LEVELS.contains(&level.to_ascii_lowercase().as_str())
+        })
+        && filter.parse::<tracing_subscriber::EnvFilter>().is_ok()
+}
+
+/// Hides the password of a `postgres://user:password@host/db` URL (also a `password=` query
+/// parameter) or a `password=` key.
 pub fn redact_url(url: &str) -> String {
     if let Some((scheme, rest)) = url.split_once("://") {
-        if let Some((userinfo, host)) = rest.split_once('@') {
-            let user = userinfo.split(':').next().unwrap_or("");
-            if userinfo.contains(':') {
-                return format!("{scheme}://{user}:REDACTED@{host}");
+        let (rest, query) = match rest.split_once('?') {
+            Some((r, q)) => (r, Some(q)),
+            None => (rest, None),
+        };
+        let rest = match rest.split_once('@') {
+            Some((userinfo, host)) if userinfo.contains(':') => {
+                let user = userinfo.split(':').next().unwrap_or("");
+                format!("{user}:REDACTED@{host}")
             }
-        }
-        return url.to_string();
+            _ => rest.to_string(),
+        };
+        let query = query.map(|q| {
+            let pairs: Vec<&str> = q
+                .split('&')
+                .map(|kv| {
+                    if kv.starts_with("password=") {
+                        "password=REDACTED"
+                    } else {
+                        kv
+                    }
+                })
+                .collect();
+            format!("?{}", pairs.join("&"))
+        });
+        return format!("{scheme}://{rest}{}", query.unwrap_or_default());
     }
     url.split_whitespace()
         .map(|kv| {
@@ -397,6 +435,30 @@ mod tests {
         c.cache.max_messages_per_chat = 0;
         let err = c.validate().unwrap_err().to_string();
         assert!(err.contains("cache.max_messages_per_chat"), "{err}");
+    }
+
+    #[test]
+    fn log_filters_must_name_levels_and_urls_a_host() {
+        for ok in [
+            "info",
+            "chatcache=debug,info",
+            "WARN",
+            "hyper=off,chatcache=trace",
+        ] {
+            assert!(valid_log_filter(ok), "{ok}");
+        }
+        for bad in ["", "nonsense level", "chatcache=verbose", "=info", "info,"] {
+            assert!(!valid_log_filter(bad), "{bad}");
+        }
+        let c = Config {
+            database_url: String::new(),
+            ..Config::default()
+        };
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("database_url"));
     }
 
     #[test]

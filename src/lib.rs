@@ -95,8 +95,17 @@ impl App {
         if new.framing != old.framing {
             ignored.push("framing");
         }
-        if new.db.pool_max_size != old.db.pool_max_size {
-            ignored.push("db.pool_max_size");
+        if new.db != old.db {
+            ignored.push("db");
+        }
+        if new.log_format != old.log_format {
+            ignored.push("log_format");
+        }
+        if new.authz.timeout_ms != old.authz.timeout_ms {
+            ignored.push("authz.timeout_ms");
+        }
+        if new.feed.connect_timeout_ms != old.feed.connect_timeout_ms {
+            ignored.push("feed.connect_timeout_ms");
         }
         self.cache.set_limits(new.cache.clone());
         self.authz.set_ttl(Duration::from_millis(new.authz.ttl_ms));
@@ -108,6 +117,10 @@ impl App {
         kept.upstream_url = old.upstream_url.clone();
         kept.database_url = old.database_url.clone();
         kept.framing = old.framing;
+        kept.db = old.db.clone();
+        kept.log_format = old.log_format;
+        kept.authz.timeout_ms = old.authz.timeout_ms;
+        kept.feed.connect_timeout_ms = old.feed.connect_timeout_ms;
         *self.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(kept);
         ignored
     }

@@ -53,7 +53,13 @@ fn main() -> ExitCode {
         LogFormat::Json => registry
             .with(tracing_subscriber::fmt::layer().json())
             .init(),
-        LogFormat::Text => registry.with(tracing_subscriber::fmt::layer()).init(),
+        LogFormat::Text => {
+            // Colours only on a terminal: files and log collectors get plain text.
+            let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+            registry
+                .with(tracing_subscriber::fmt::layer().with_ansi(ansi))
+                .init()
+        }
     }
 
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -104,6 +104,22 @@ impl Metrics {
             ),
             registry,
         };
+        // Every known label value is exported from the start, so dashboards and alerts see 0
+        // rather than a missing series.
+        let known: [(&IntCounterVec, &[&str]); 4] = [
+            (&metrics.catchups, &["hit", "below_floor", "fail_open"]),
+            (
+                &metrics.db_reads,
+                &["repair", "refresh", "below_floor", "reload"],
+            ),
+            (&metrics.authz, &["allowed", "denied", "cached", "error"]),
+            (&metrics.fail_opens, &crate::stream::FAIL_OPEN_REASONS),
+        ];
+        for (vec, labels) in known {
+            for label in labels {
+                vec.with_label_values(&[label]);
+            }
+        }
         #[cfg(target_os = "linux")]
         {
             let pc = prometheus::process_collector::ProcessCollector::for_self();

@@ -34,6 +34,16 @@ use crate::App;
 
 type Ws = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
 
+/// Why a subscription is handed to coderd untouched (`chatcache_fail_open_total{reason}`).
+pub const FAIL_OPEN_REASONS: [&str; 6] = [
+    "authz_error",
+    "listen_down",
+    "content_version",
+    "feed",
+    "below_floor_read",
+    "refresh_timeout",
+];
+
 /// Answers `GET /api/experimental/chats/{chat}/stream`, or hands it to coderd untouched.
 pub async fn handle(
     app: Arc<App>,
@@ -57,7 +67,7 @@ pub async fn handle(
         }
         Err(e) => {
             tracing::warn!(chat.id = %chat_id, error = %e, "authorization probe failed; failing open");
-            return fail_open(&app, req, peer, "authz_error").await;
+            return fail_open(&app, req, peer, chat_id, "authz_error").await;
         }
     }
     let after_id = match parse_after_id(query.as_deref()) {
@@ -71,18 +81,18 @@ pub async fn handle(
         }
     };
     if !app.listener.is_up() {
-        return fail_open(&app, req, peer, "listen_down").await;
+        return fail_open(&app, req, peer, chat_id, "listen_down").await;
     }
     if app.cache.is_left_to_coderd(&chat_id) {
-        return fail_open(&app, req, peer, "content_version").await;
+        return fail_open(&app, req, peer, chat_id, "content_version").await;
     }
 
     let Some(chat) = ready_chat(&app, chat_id, &creds).await else {
-        return fail_open(&app, req, peer, "feed").await;
+        return fail_open(&app, req, peer, chat_id, "feed").await;
     };
     let (subscription, snapshot) = match subscribe(&app, &chat, after_id, creds).await {
         Ok(s) => s,
-        Err(reason) => return fail_open(&app, req, peer, reason).await,
+        Err(reason) => return fail_open(&app, req, peer, chat_id, reason).await,
     };
 
     let upgrade = hyper::upgrade::on(&mut req);
@@ -142,11 +152,12 @@ async fn fail_open(
     app: &App,
     req: Request<Incoming>,
     peer: SocketAddr,
+    chat_id: Uuid,
     reason: &'static str,
 ) -> Response<Body> {
     app.metrics.fail_opens.with_label_values(&[reason]).inc();
     app.metrics.catchups.with_label_values(&["fail_open"]).inc();
-    tracing::warn!(reason, path = %req.uri().path(), "stream passed to coderd");
+    tracing::warn!(chat.id = %chat_id, reason, "stream passed to coderd");
     proxy::forward(app, req, peer).await
 }
 
