@@ -17,7 +17,7 @@ use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use crate::metrics::Metrics;
-use crate::route::query_param;
+use crate::route::query_param_bytes;
 
 pub type UpstreamClient = hyper_util::client::legacy::Client<
     hyper_util::client::legacy::connect::HttpConnector,
@@ -27,12 +27,16 @@ pub type UpstreamClient = hyper_util::client::legacy::Client<
 /// The credential-bearing parts of a client request, as coderd reads them (doc 4.2).
 #[derive(Clone, Default)]
 pub struct Credentials {
-    pub cookie: Option<HeaderValue>,
+    /// Every `Cookie` header, in order: coderd reads them all.
+    pub cookies: Vec<HeaderValue>,
     pub session_token: Option<HeaderValue>,
     pub authorization: Option<HeaderValue>,
-    /// `coder_session_token` and `access_token` query parameters, percent-decoded.
-    pub query_token: Option<String>,
-    pub access_token: Option<String>,
+    /// `coder_session_token` and `access_token` query parameters, percent-decoded bytes.
+    pub query_token: Option<Vec<u8>>,
+    pub access_token: Option<Vec<u8>>,
+    /// The client's query string as sent, so coderd reads the credential parameters exactly
+    /// as it would have (duplicates, escapes and all).
+    pub raw_query: Option<String>,
 }
 
 impl std::fmt::Debug for Credentials {
@@ -44,23 +48,32 @@ impl std::fmt::Debug for Credentials {
 impl Credentials {
     pub fn from_request(headers: &HeaderMap, query: Option<&str>) -> Self {
         Self {
-            cookie: headers.get(http::header::COOKIE).cloned(),
+            cookies: headers
+                .get_all(http::header::COOKIE)
+                .iter()
+                .cloned()
+                .collect(),
             session_token: headers.get("coder-session-token").cloned(),
             authorization: headers.get(http::header::AUTHORIZATION).cloned(),
-            query_token: query_param(query, "coder_session_token"),
-            access_token: query_param(query, "access_token"),
+            query_token: query_param_bytes(query, "coder_session_token"),
+            access_token: query_param_bytes(query, "access_token"),
+            raw_query: query.map(str::to_owned),
         }
     }
 
     /// A key that identifies these credentials without keeping them.
     fn digest(&self, chat: Uuid) -> [u8; 32] {
         let mut h = Sha256::new();
+        h.update((self.cookies.len() as u64).to_le_bytes());
+        for cookie in &self.cookies {
+            h.update((cookie.len() as u64).to_le_bytes());
+            h.update(cookie.as_bytes());
+        }
         for part in [
-            self.cookie.as_ref().map(|v| v.as_bytes()),
             self.session_token.as_ref().map(|v| v.as_bytes()),
             self.authorization.as_ref().map(|v| v.as_bytes()),
-            self.query_token.as_deref().map(str::as_bytes),
-            self.access_token.as_deref().map(str::as_bytes),
+            self.query_token.as_deref(),
+            self.access_token.as_deref(),
         ] {
             match part {
                 Some(bytes) => {
@@ -77,8 +90,8 @@ impl Credentials {
 
     /// Copies the credentials onto a request to coderd.
     pub fn apply(&self, headers: &mut HeaderMap) {
-        if let Some(v) = &self.cookie {
-            headers.insert(http::header::COOKIE, v.clone());
+        for cookie in &self.cookies {
+            headers.append(http::header::COOKIE, cookie.clone());
         }
         if let Some(v) = &self.session_token {
             headers.insert("coder-session-token", v.clone());
@@ -88,17 +101,26 @@ impl Credentials {
         }
     }
 
-    /// The query string that carries query-parameter credentials, starting with `?` or empty.
+    /// The query string for a request to coderd on this client's behalf: the client's own
+    /// query without its `after_id`, plus `extra`; starts with `?` or is empty.
     pub fn query_suffix(&self, extra: &str) -> String {
         let mut pairs: Vec<String> = Vec::new();
         if !extra.is_empty() {
             pairs.push(extra.to_string());
         }
-        if let Some(t) = &self.query_token {
-            pairs.push(format!("coder_session_token={}", encode(t)));
-        }
-        if let Some(t) = &self.access_token {
-            pairs.push(format!("access_token={}", encode(t)));
+        let own = self.raw_query.as_deref().unwrap_or("");
+        pairs.extend(
+            own.split('&')
+                .filter(|p| !p.is_empty() && p.split('=').next() != Some("after_id"))
+                .map(str::to_owned),
+        );
+        if self.raw_query.is_none() {
+            if let Some(t) = &self.query_token {
+                pairs.push(format!("coder_session_token={}", encode(t)));
+            }
+            if let Some(t) = &self.access_token {
+                pairs.push(format!("access_token={}", encode(t)));
+            }
         }
         if pairs.is_empty() {
             String::new()
@@ -108,8 +130,9 @@ impl Credentials {
     }
 }
 
-fn encode(s: &str) -> String {
-    s.bytes()
+fn encode(s: &[u8]) -> String {
+    s.iter()
+        .copied()
         .map(|b| match b {
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
                 (b as char).to_string()
@@ -256,6 +279,14 @@ mod tests {
             "?after_id=3&coder_session_token=a%20b%26c"
         );
         assert_eq!(Credentials::default().query_suffix(""), "");
+        let raw = Credentials::from_request(
+            &HeaderMap::new(),
+            Some("after_id=5&coder_session_token=%FF&coder_session_token=ok"),
+        );
+        assert_eq!(
+            raw.query_suffix("after_id=9"),
+            "?after_id=9&coder_session_token=%FF&coder_session_token=ok"
+        );
         assert_eq!(format!("{c:?}"), "Credentials(REDACTED)");
     }
 }

@@ -70,6 +70,7 @@ impl Cache {
             max_messages: l.max_messages_per_chat,
             max_bytes: l.max_bytes_per_chat,
             grace: Duration::from_millis(l.hole_grace_ms),
+            settle: Duration::from_millis(l.order_settle_ms),
         }
     }
 
@@ -165,8 +166,9 @@ impl Cache {
         let cache = self.clone();
         tokio::spawn(async move {
             loop {
-                let grace = cache.ring_limits().grace;
-                let due = chat.lock().ring.due_in(grace);
+                let limits = cache.ring_limits();
+                let grace = limits.grace;
+                let due = chat.lock().ring.due_in(limits);
                 match due {
                     Some(wait) if !wait.is_zero() && !chat.is_closed() => {
                         tokio::time::sleep(wait).await;
@@ -176,7 +178,7 @@ impl Cache {
                         // while anything still waits.
                         cache.apply(&chat, |state, limits| state.ring.expire(limits));
                         tokio::task::yield_now().await;
-                        let still = chat.lock().ring.due_in(grace);
+                        let still = chat.lock().ring.due_in(limits);
                         if still.is_some_and(|d| d.is_zero()) {
                             tokio::time::sleep(grace.max(Duration::from_millis(10))).await;
                         }
@@ -184,7 +186,7 @@ impl Cache {
                     _ => {
                         // Re-checked under the lock that announcements take, so none is missed.
                         let mut state = chat.lock();
-                        if state.ring.due_in(grace).is_some() && !chat.is_closed() {
+                        if state.ring.due_in(limits).is_some() && !chat.is_closed() {
                             continue;
                         }
                         state.hole_check_running = false;

@@ -56,6 +56,10 @@ pub struct Cursor {
     pub after_id: i64,
 }
 
+/// A subscriber fell behind the ring's trim and missed a message.
+#[derive(Debug)]
+pub struct Lagged;
+
 pub struct Subscription {
     pub id: u64,
     pub rx: mpsc::Receiver<Signal>,
@@ -80,6 +84,11 @@ pub struct ChatState {
     refresh_staged: Vec<(i64, Bytes)>,
     pub repair_running: bool,
     pub repair_again: bool,
+    /// The last full refresh's history (all of it), the ring seq and top id it ended at:
+    /// what a replay sends. Dropped when the chat has no subscribers.
+    replay_base: std::sync::Arc<Vec<Bytes>>,
+    replay_seq: u64,
+    replay_top: i64,
     /// A task is waiting for the oldest pending id to come due.
     pub hole_check_running: bool,
 }
@@ -108,6 +117,9 @@ impl Chat {
             refresh_staged: Vec::new(),
             repair_running: false,
             repair_again: false,
+            replay_base: Default::default(),
+            replay_seq: 0,
+            replay_top: 0,
             hole_check_running: false,
         };
         Self {
@@ -339,32 +351,44 @@ impl ChatState {
         self.subscribers.remove(&id);
         if self.subscribers.is_empty() {
             self.idle_since = Some(Instant::now());
+            self.replay_base = Default::default();
+            self.replay_seq = self.ring.max_seq();
         }
     }
 
     /// Ring entries this subscriber has not seen yet.
-    pub fn pull(&self, cursor: &mut Cursor) -> Vec<Bytes> {
+    /// Ring entries this subscriber has not seen yet. `Err` when the ring dropped an entry
+    /// this subscriber never saw (it fell behind the trim): it must reconnect and catch up.
+    pub fn pull(&self, cursor: &mut Cursor) -> Result<Vec<Bytes>, Lagged> {
         if cursor.generation != self.generation {
             // A replay for the new epoch is queued behind this signal; it will carry these.
-            return Vec::new();
+            return Ok(Vec::new());
+        }
+        if self.ring.trimmed_seq > cursor.seen_seq && self.ring.floor > cursor.after_id {
+            return Err(Lagged);
         }
         let fresh: Vec<Entry> = self.ring.since(cursor.seen_seq, cursor.after_id);
         cursor.seen_seq = self.ring.max_seq();
-        fresh.into_iter().map(|e| e.event).collect()
+        Ok(fresh.into_iter().map(|e| e.event).collect())
     }
 
-    /// The whole cached history, after a full refresh.
+    /// The whole visible history after a full refresh, as coderd resends it: the read that
+    /// refreshed the chat (all of it, even beyond the ring's limits), then what came since.
     pub fn replay(&self, cursor: &mut Cursor) -> Vec<Bytes> {
         cursor.generation = self.generation;
-        cursor.seen_seq = self.ring.max_seq();
         cursor.after_id = 0;
-        self.ring.all().map(|e| e.event.clone()).collect()
+        let mut out: Vec<Bytes> = self.replay_base.iter().cloned().collect();
+        let since = self.ring.since(self.replay_seq, self.replay_top);
+        out.extend(since.into_iter().map(|e| e.event));
+        cursor.seen_seq = self.ring.max_seq();
+        out
     }
 
     /// Starts a full refresh: a new epoch; feed messages wait until the read is merged.
     pub fn begin_refresh(&mut self) -> u64 {
         self.epoch += 1;
         self.refreshing = true;
+        self.ring.hold = true;
         self.epoch
     }
 
@@ -381,21 +405,16 @@ impl ChatState {
             return false;
         }
         let top = rows.last().map_or(0, |r| r.0);
+        // Unchanged means nothing held was deleted: ids the reload adds are merged, not replayed.
         let unchanged = !always_replay && {
-            let old: Vec<i64> = self
-                .ring
+            let new: std::collections::HashSet<i64> = rows.iter().map(|r| r.0).collect();
+            self.ring
                 .all()
-                .map(|e| e.id)
-                .filter(|&id| id <= top)
-                .collect();
-            let new: Vec<i64> = rows
-                .iter()
-                .map(|r| r.0)
-                .filter(|&id| id > self.ring.floor)
-                .collect();
-            old == new
+                .filter(|e| e.id <= top)
+                .all(|e| new.contains(&e.id))
         };
         if unchanged {
+            self.ring.hold = false;
             let pending = self.ring.pending_ids();
             let fx = self
                 .ring
@@ -414,7 +433,10 @@ impl ChatState {
             .map(|e| (e.id, e.event.clone()))
             .collect();
         let (pending, staged) = self.ring.take_waiting();
+        self.replay_base = std::sync::Arc::new(rows.iter().map(|r| r.1.clone()).collect());
+        self.replay_top = top;
         self.ring = Ring::from_read(0, rows, limits);
+        self.replay_seq = self.ring.max_seq();
         for (id, event) in carried {
             self.ring.feed_message(id, event, limits);
             self.ring.announce(id, limits);

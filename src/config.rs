@@ -84,6 +84,10 @@ pub struct CacheConfig {
     pub max_bytes: usize,
     /// How long an announced message may be missing before a database read repairs it.
     pub hole_grace_ms: u64,
+    /// How long a message from coderd's stream is held after its announcement, so that a
+    /// lower id announced by another replica's notify batch (flushed every 50 ms) is still
+    /// delivered first. 0 delivers at once and may deliver such a message late.
+    pub order_settle_ms: u64,
 }
 
 /// The shared upstream stream per chat.
@@ -153,6 +157,7 @@ impl Default for CacheConfig {
             max_bytes_per_chat: 4 << 20,
             max_bytes: 256 << 20,
             hole_grace_ms: 250,
+            order_settle_ms: 75,
         }
     }
 }

@@ -23,6 +23,9 @@ use crate::config::Framing;
 use crate::listen::Listener;
 use crate::wire::{self, EventHead, FrameContent, MAX_EVENTS_PER_FRAME};
 
+/// How long after a full snapshot frame the snapshot counts as complete if nothing follows.
+const SNAPSHOT_QUIET: Duration = Duration::from_millis(100);
+
 /// What the feed needs from the rest of the sidecar.
 pub struct FeedContext {
     pub cache: Arc<Cache>,
@@ -154,6 +157,11 @@ async fn follow(
     let mut snapshot: Option<Vec<(EventHead, Bytes)>> = Some(Vec::new());
     let first_frame = tokio::time::sleep(ctx.connect_timeout);
     tokio::pin!(first_frame);
+    // A full first frame may be the whole snapshot (exactly 256 events) or its first part:
+    // more of it follows at once if there is more, so a short quiet spell ends it.
+    let snapshot_quiet = tokio::time::sleep(Duration::from_secs(3600));
+    tokio::pin!(snapshot_quiet);
+    let mut waiting_for_more = false;
     loop {
         tokio::select! {
             msg = ws.next() => {
@@ -185,6 +193,10 @@ async fn follow(
                     collected.extend(parsed);
                     if more {
                         snapshot = Some(collected);
+                        waiting_for_more = true;
+                        snapshot_quiet
+                            .as_mut()
+                            .reset(tokio::time::Instant::now() + SNAPSHOT_QUIET);
                         continue;
                     }
                     ctx.cache.apply(chat, |state, limits| {
@@ -205,7 +217,15 @@ async fn follow(
                     ctx.cache.apply(chat, |state, limits| state.feed_event(head, bytes, limits));
                 }
             }
-            _ = &mut first_frame, if snapshot.is_some() => {
+            _ = &mut snapshot_quiet, if waiting_for_more && snapshot.is_some() => {
+                let collected = snapshot.take().unwrap_or_default();
+                ctx.cache.apply(chat, |state, limits| {
+                    state.install_snapshot(after_id, collected, limits)
+                });
+                *loaded = true;
+                chat.set_phase(Phase::Ready);
+            }
+            _ = &mut first_frame, if snapshot.is_some() && !waiting_for_more => {
                 return Stop::Broken(FeedError::Ended("no snapshot in time".into()));
             }
             _ = closed.changed() => return Stop::Done,

@@ -165,13 +165,23 @@ fn render_part(part: &Value, late_march: bool) -> Option<Value> {
         Value::Null => &Map::new(),
         _ => return None,
     };
-    let file_id_set = matches!(obj.get("file_id"), Some(Value::String(_)));
+    let file_id_set = obj
+        .iter()
+        .any(|(k, v)| k.eq_ignore_ascii_case("file_id") && matches!(v, Value::String(_)));
     let mut out = Map::new();
     for &(key, kind, late) in PARTS {
         if late && !late_march {
             continue;
         }
-        let v = obj.get(key).filter(|v| !v.is_null());
+        // Go's decoder matches keys case-insensitively, preferring an exact match.
+        let v = obj
+            .get(key)
+            .or_else(|| {
+                obj.iter()
+                    .find(|(k, _)| k.eq_ignore_ascii_case(key))
+                    .map(|(_, v)| v)
+            })
+            .filter(|v| !v.is_null());
         match kind {
             Field::Str => {
                 let s = match v {

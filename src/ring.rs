@@ -50,14 +50,17 @@ pub struct RingLimits {
     pub max_bytes: usize,
     /// How long a message may wait for its announcement, or an announced id for its message.
     pub grace: Duration,
+    /// How long a heard message still waits for announcements of lower ids that another
+    /// replica's notify batch may deliver a little later (coderd flushes every 50 ms).
+    pub settle: Duration,
 }
 
 /// A feed message not yet visible to subscribers.
 #[derive(Debug)]
 struct Staged {
     event: Bytes,
-    /// Its own announcement has been heard on LISTEN.
-    heard: bool,
+    /// When its own announcement was heard on LISTEN.
+    heard: Option<Instant>,
     since: Instant,
 }
 
@@ -70,8 +73,12 @@ pub struct Ring {
     next_seq: u64,
     /// Highest seq that was inserted below the head (out of id order); 0 when none.
     pub last_late_seq: u64,
+    /// Highest seq among entries trimmed away: a subscriber that had not seen it lost it.
+    pub trimmed_seq: u64,
     /// Announced ids not held yet, with when they were announced.
     pending: BTreeMap<i64, Instant>,
+    /// Set while a full refresh is read: nothing staged is released until the replay.
+    pub hold: bool,
     staged: BTreeMap<i64, Staged>,
 }
 
@@ -127,7 +134,7 @@ impl Ring {
         let pending = std::mem::take(&mut self.pending).into_keys().collect();
         let staged = std::mem::take(&mut self.staged)
             .into_iter()
-            .map(|(id, s)| (id, s.event, s.heard))
+            .map(|(id, s)| (id, s.event, s.heard.is_some()))
             .collect();
         (pending, staged)
     }
@@ -191,12 +198,12 @@ impl Ring {
             return Effects::default();
         }
         if let Some(staged) = self.staged.get_mut(&id) {
-            staged.heard = true;
+            staged.heard.get_or_insert_with(Instant::now);
             return self.release_staged(limits, false);
         }
         let mut fx = Effects::default();
-        if id < self.head() {
-            // A higher id was delivered already: this one is a hole to repair at once.
+        if id < self.head() || self.staged.range(id..).next().is_some() {
+            // The feed already passed this id (it delivers in id order): a hole to repair now.
             fx.repair_now = true;
         } else {
             fx.check_later = true;
@@ -210,7 +217,7 @@ impl Ring {
         if id <= self.floor || self.holds(id) || self.staged.contains_key(&id) {
             return Effects::default();
         }
-        let heard = self.pending.remove(&id).is_some();
+        let heard = self.pending.remove(&id);
         self.staged.insert(
             id,
             Staged {
@@ -222,13 +229,18 @@ impl Ring {
         self.release_staged(limits, false)
     }
 
-    /// How long until the oldest pending id or unheard staged message has waited `grace`;
-    /// zero when one already has, `None` when nothing waits.
-    pub fn due_in(&self, grace: Duration) -> Option<Duration> {
-        let pending = self.pending.values();
-        let unheard = self.staged.values().filter(|s| !s.heard).map(|s| &s.since);
-        let oldest = pending.chain(unheard).min()?;
-        Some(grace.saturating_sub(oldest.elapsed()))
+    /// How long until the next waiting thing is due: a pending id or an unheard staged message
+    /// after `grace`, a heard staged message after `settle`. `None` when nothing waits.
+    pub fn due_in(&self, limits: RingLimits) -> Option<Duration> {
+        let pending = self
+            .pending
+            .values()
+            .map(|t| limits.grace.saturating_sub(t.elapsed()));
+        let staged = self.staged.values().map(|s| match s.heard {
+            Some(at) => limits.settle.saturating_sub(at.elapsed()),
+            None => limits.grace.saturating_sub(s.since.elapsed()),
+        });
+        pending.chain(staged).min()
     }
 
     /// After the grace period: staged messages whose announcement never came are released, and
@@ -279,13 +291,19 @@ impl Ring {
     /// and their announcement has been heard (or, with `expired`, the grace period passed).
     fn release_staged(&mut self, limits: RingLimits, expired: bool) -> Effects {
         let mut fx = Effects::default();
+        if self.hold {
+            return fx;
+        }
         while let Some((&id, staged)) = self.staged.iter().next() {
             if self.pending.range(..id).next().is_some() {
                 fx.repair_now = true;
                 break;
             }
-            let due = expired && staged.since.elapsed() >= limits.grace;
-            if !staged.heard && !due {
+            let ready = match staged.heard {
+                Some(at) => at.elapsed() >= limits.settle,
+                None => expired && staged.since.elapsed() >= limits.grace,
+            };
+            if !ready {
                 fx.check_later = true;
                 break;
             }
@@ -305,6 +323,7 @@ impl Ring {
             || (self.bytes > limits.max_bytes && self.entries.len() > 1)
         {
             let old = self.entries.pop_front().expect("non-empty");
+            self.trimmed_seq = self.trimmed_seq.max(old.seq);
             self.bytes -= old.event.len();
             self.floor = old.id;
             self.proven_head = self.proven_head.max(self.floor);
@@ -358,6 +377,7 @@ mod tests {
         max_messages: 100,
         max_bytes: 1 << 20,
         grace: Duration::from_secs(60),
+        settle: Duration::ZERO,
     };
 
     fn ev(id: i64) -> Bytes {
@@ -392,13 +412,27 @@ mod tests {
         };
         let mut ring = Ring::from_read(0, vec![], quick);
         ring.feed_message(7, ev(7), LIMITS);
-        assert_eq!(
-            ring.due_in(LIMITS.grace).map(|d| d > Duration::ZERO),
-            Some(true)
-        );
+        assert_eq!(ring.due_in(LIMITS).map(|d| d > Duration::ZERO), Some(true));
         assert!(ring.expire(quick).advanced);
         assert_eq!(ids(&ring), vec![7]);
-        assert_eq!(ring.due_in(LIMITS.grace), None);
+        assert_eq!(ring.due_in(LIMITS), None);
+    }
+
+    /// Another replica's announcement of a lower id arrives within the settle time.
+    #[test]
+    fn heard_messages_settle_before_release() {
+        let slow = RingLimits {
+            settle: Duration::from_secs(60),
+            ..LIMITS
+        };
+        let mut ring = Ring::from_read(0, vec![(9, ev(9))], slow);
+        ring.announce(12, slow);
+        let fx = ring.feed_message(12, ev(12), slow);
+        assert!(!fx.advanced && fx.check_later);
+        assert!(ring.announce(10, slow).repair_now, "10 below a staged 12");
+        let pending = ring.pending_ids();
+        ring.merge_read(9, vec![(10, ev(10)), (12, ev(12))], &pending, LIMITS);
+        assert_eq!(ids(&ring), vec![9, 10, 12]);
     }
 
     /// coderd's cache answered notify 10 with message 11 and skipped 10 (protocol doc 10).
@@ -449,6 +483,7 @@ mod tests {
             max_messages: 2,
             max_bytes: 1 << 20,
             grace: Duration::ZERO,
+            settle: Duration::ZERO,
         };
         let ring = Ring::from_read(0, (1..=5).map(|i| (i, ev(i))).collect(), limits);
         assert_eq!(ids(&ring), vec![4, 5]);
@@ -457,6 +492,7 @@ mod tests {
             max_messages: 10,
             max_bytes: 20,
             grace: Duration::ZERO,
+            settle: Duration::ZERO,
         };
         let ring = Ring::from_read(0, (1..=5).map(|i| (i, ev(i))).collect(), small);
         assert!(ring.bytes <= 20, "{}", ring.bytes);

@@ -40,10 +40,17 @@ pub fn match_stream(method: &http::Method, path: &str) -> Option<StreamRoute> {
 /// Parses a UUID the way `google/uuid.Parse` does, returning its error text on failure.
 pub fn parse_go_uuid(raw: &str) -> Result<Uuid, String> {
     let len = raw.len();
+    // Byte slicing below is only done on ASCII input; anything else is not a UUID anyway.
+    if !raw.is_ascii() {
+        return match len {
+            32 | 36 | 38 | 45 => Err("invalid UUID format".to_string()),
+            _ => Err(format!("invalid UUID length: {len}")),
+        };
+    }
     let body = match len {
         36 => raw,
         38 if raw.starts_with('{') && raw.ends_with('}') => &raw[1..37],
-        45 if raw.len() > 9 && raw[..9].eq_ignore_ascii_case("urn:uuid:") => &raw[9..],
+        45 if raw[..9].eq_ignore_ascii_case("urn:uuid:") => &raw[9..],
         32 => raw,
         _ => return Err(format!("invalid UUID length: {len}")),
     };
@@ -60,13 +67,20 @@ pub fn parse_go_uuid(raw: &str) -> Result<Uuid, String> {
 ///
 /// Missing or empty means 0 (the whole history); negative values are kept as given.
 pub fn parse_after_id(query: Option<&str>) -> Result<i64, String> {
-    let Some(raw) = query_param(query, "after_id") else {
+    let Some(raw) = query_param_bytes(query, "after_id") else {
         return Ok(0);
     };
     if raw.is_empty() {
         return Ok(0);
     }
-    parse_go_int(&raw)
+    match String::from_utf8(raw) {
+        Ok(text) => parse_go_int(&text),
+        // Go strings are bytes: such a value is simply not a number.
+        Err(e) => Err(format!(
+            "strconv.ParseInt: parsing {}: invalid syntax",
+            go_quote_bytes(e.as_bytes())
+        )),
+    }
 }
 
 fn parse_go_int(raw: &str) -> Result<i64, String> {
@@ -81,6 +95,19 @@ fn parse_go_int(raw: &str) -> Result<i64, String> {
         .map_err(|_| format!("strconv.ParseInt: parsing {quoted}: value out of range"))
 }
 
+/// Go's `strconv.Quote` of bytes that are not valid UTF-8: valid runs as text, the rest `\xNN`.
+fn go_quote_bytes(raw: &[u8]) -> String {
+    let mut inner = String::new();
+    for chunk in raw.utf8_chunks() {
+        let quoted = go_quote(chunk.valid());
+        inner.push_str(&quoted[1..quoted.len() - 1]);
+        for b in chunk.invalid() {
+            inner.push_str(&format!("\\x{b:02x}"));
+        }
+    }
+    format!("\"{inner}\"")
+}
+
 /// Go's `strconv.Quote` for the printable ASCII that query strings normally carry.
 fn go_quote(raw: &str) -> String {
     let mut out = String::with_capacity(raw.len() + 2);
@@ -92,6 +119,10 @@ fn go_quote(raw: &str) -> String {
             '\n' => out.push_str("\\n"),
             '\t' => out.push_str("\\t"),
             '\r' => out.push_str("\\r"),
+            '\u{7}' => out.push_str("\\a"),
+            '\u{8}' => out.push_str("\\b"),
+            '\u{c}' => out.push_str("\\f"),
+            '\u{b}' => out.push_str("\\v"),
             c if (c as u32) < 0x20 || c as u32 == 0x7f => {
                 out.push_str(&format!("\\x{:02x}", c as u32));
             }
@@ -103,35 +134,38 @@ fn go_quote(raw: &str) -> String {
 }
 
 /// The first value of a query parameter, percent-decoded; `+` means space as in Go's forms.
+/// Like Go's `url.ParseQuery`, a pair with an invalid escape is skipped, not kept.
 pub fn query_param(query: Option<&str>, name: &str) -> Option<String> {
+    query_param_bytes(query, name).map(|v| String::from_utf8_lossy(&v).into_owned())
+}
+
+/// [`query_param`] as raw bytes (Go strings may hold any bytes, e.g. `%FF`).
+pub fn query_param_bytes(query: Option<&str>, name: &str) -> Option<Vec<u8>> {
     query?.split('&').find_map(|pair| {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        (percent_decode(k) == name).then(|| percent_decode(v))
+        let (k, v) = (percent_decode(k)?, percent_decode(v)?);
+        (k == name.as_bytes()).then_some(v)
     })
 }
 
-fn percent_decode(s: &str) -> String {
+fn percent_decode(s: &str) -> Option<Vec<u8>> {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
         match bytes[i] {
             b'+' => out.push(b' '),
-            b'%' if i + 2 < bytes.len() => {
-                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
-                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
-                    Some(b) => {
-                        out.push(b);
-                        i += 2;
-                    }
-                    None => out.push(b'%'),
-                }
+            b'%' => {
+                let hex = bytes.get(i + 1..i + 3)?;
+                let hex = std::str::from_utf8(hex).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 2;
             }
             b => out.push(b),
         }
         i += 1;
     }
-    String::from_utf8_lossy(&out).into_owned()
+    Some(out)
 }
 
 #[cfg(test)]
@@ -200,5 +234,20 @@ mod tests {
             r#"strconv.ParseInt: parsing "1.5": invalid syntax"#
         );
         assert_eq!(parse_after_id(Some("after_id=1&after_id=2")), Ok(1));
+        // Go skips pairs with bad escapes: the cursor is then missing, i.e. 0.
+        assert_eq!(parse_after_id(Some("after_id=%ZZ")), Ok(0));
+        assert_eq!(parse_after_id(Some("after_id=5%")), Ok(0));
+        assert_eq!(
+            parse_after_id(Some("after_id=%07")).unwrap_err(),
+            r#"strconv.ParseInt: parsing "\a": invalid syntax"#
+        );
+        assert_eq!(
+            parse_after_id(Some("after_id=%FF")).unwrap_err(),
+            r#"strconv.ParseInt: parsing "\xff": invalid syntax"#
+        );
+        // A 45-byte segment with a multi-byte character across byte 9 is simply not a UUID.
+        let odd = format!("urn:uuid{}{}", '\u{e9}', "x".repeat(35));
+        assert_eq!(odd.len(), 45);
+        assert_eq!(parse_go_uuid(&odd).unwrap_err(), "invalid UUID format");
     }
 }

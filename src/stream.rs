@@ -112,6 +112,7 @@ pub async fn handle(
             Err(e) => {
                 tracing::debug!(chat.id = %chat.id, error = %e, "client left during the upgrade");
                 chat.lock().unsubscribe(subscription.id);
+                app2.metrics.subscribers.dec();
             }
         }
     });
@@ -273,12 +274,18 @@ async fn serve(
                         }
                     };
                     let mut batch = Vec::new();
-                    collect(&chat, &mut sub, signal, &mut batch);
-                    while batch.len() < MAX_EVENTS_PER_FRAME {
+                    let mut lagged = collect(&chat, &mut sub, signal, &mut batch).is_err();
+                    while batch.len() < MAX_EVENTS_PER_FRAME && !lagged {
                         match sub.rx.try_recv() {
-                            Ok(s) => collect(&chat, &mut sub, s, &mut batch),
+                            Ok(s) => lagged = collect(&chat, &mut sub, s, &mut batch).is_err(),
                             Err(_) => break,
                         }
+                    }
+                    if lagged {
+                        // What it already has goes out; the error then makes it reconnect
+                        // with its after_id and read what the ring no longer holds.
+                        let _ = send_events(&mut ws, framing, batch).await;
+                        break 'live End::Overflow;
                     }
                     match send_events(&mut ws, framing, batch).await {
                         Ok(()) => {}
@@ -355,12 +362,18 @@ async fn finish(app: &App, chat: &Chat, ws: &mut Ws, end: End) {
 }
 
 /// Turns one signal into events for the next frame.
-fn collect(chat: &Chat, sub: &mut Subscription, signal: Signal, out: &mut Vec<Bytes>) {
+fn collect(
+    chat: &Chat,
+    sub: &mut Subscription,
+    signal: Signal,
+    out: &mut Vec<Bytes>,
+) -> Result<(), crate::chat::Lagged> {
     match signal {
         Signal::Event(e) => out.push(e),
-        Signal::Durable => out.extend(chat.lock().pull(&mut sub.cursor)),
+        Signal::Durable => out.extend(chat.lock().pull(&mut sub.cursor)?),
         Signal::Replay => out.extend(chat.lock().replay(&mut sub.cursor)),
     }
+    Ok(())
 }
 
 /// Why a write failed.

@@ -31,7 +31,7 @@ pub fn go_json<T: Serialize + ?Sized>(value: &T) -> Vec<u8> {
 }
 
 /// Rewrites serde_json output into Go's escaping: `<`, `>`, `&`, U+2028 and U+2029 become
-/// `\u003c`-style escapes, and `\b` / `\f` become `\u0008` / `\u000c`.
+/// `\u003c`-style escapes. (Go writes `\b` and `\f` short since 1.22, as serde_json does.)
 ///
 /// The HTML characters and the two separators can only occur inside strings in valid JSON, so a
 /// scan that tracks escapes is enough.
@@ -42,14 +42,8 @@ pub fn go_escape(json: &[u8]) -> Vec<u8> {
         let b = json[i];
         match b {
             b'\\' if i + 1 < json.len() => {
-                match json[i + 1] {
-                    b'b' => out.extend_from_slice(b"\\u0008"),
-                    b'f' => out.extend_from_slice(b"\\u000c"),
-                    other => {
-                        out.push(b'\\');
-                        out.push(other);
-                    }
-                }
+                out.push(b'\\');
+                out.push(json[i + 1]);
                 i += 2;
                 continue;
             }
@@ -225,7 +219,7 @@ mod tests {
         let v = serde_json::json!({"a": "<b>&\u{2028}\u{8}\u{c}\\b"});
         assert_eq!(
             String::from_utf8(go_json(&v)).unwrap(),
-            r#"{"a":"\u003cb\u003e\u0026\u2028\u0008\u000c\\b"}"#
+            r#"{"a":"\u003cb\u003e\u0026\u2028\b\f\\b"}"#
         );
     }
 

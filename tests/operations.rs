@@ -280,7 +280,9 @@ async fn sighup_changes_a_limit_live() {
     assert!(metric(admin, "chatcache_bytes_held").await > 0.0);
     assert_eq!(metric(admin, "chatcache_chats_held").await, 1.0);
     assert_eq!(metric(admin, "chatcache_feeds").await, 1.0);
-    assert_eq!(metric(admin, "chatcache_subscribers").await, 2.0);
+    // The first subscriber may have been closed to catch up: a tool-call turn inserts more
+    // messages at once than the 2-message ring holds.
+    assert!(metric(admin, "chatcache_subscribers").await >= 1.0);
     assert!(metric(admin, "process_resident_memory_bytes").await > 0.0);
 }
 
