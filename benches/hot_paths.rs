@@ -19,6 +19,7 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 const LIMITS: RingLimits = RingLimits {
     grace: std::time::Duration::from_millis(250),
     settle: std::time::Duration::ZERO,
+    proof: false,
     max_messages: 2048,
     max_bytes: 4 * 1024 * 1024,
 };

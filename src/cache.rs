@@ -71,6 +71,7 @@ impl Cache {
             max_bytes: l.max_bytes_per_chat,
             grace: Duration::from_millis(l.hole_grace_ms),
             settle: Duration::from_millis(l.order_settle_ms),
+            proof: l.order_proof,
         }
     }
 
@@ -245,7 +246,8 @@ impl Cache {
                 }
                 let mut state = chat.lock();
                 // Another read only helps if something is still missing.
-                again |= std::mem::take(&mut state.repair_again) && state.ring.has_pending();
+                let waiting = state.ring.has_pending() || state.ring.staged_len() > 0;
+                again |= std::mem::take(&mut state.repair_again) && waiting;
                 if again && !chat.is_closed() {
                     continue;
                 }

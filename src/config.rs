@@ -88,6 +88,11 @@ pub struct CacheConfig {
     /// lower id announced by another replica's notify batch (flushed every 50 ms) is still
     /// delivered first. 0 delivers at once and may deliver such a message late.
     pub order_settle_ms: u64,
+    /// Release a message from coderd's stream only after a database read has proven that no
+    /// lower id is missing: strict id order even when Postgres notifies lag by seconds, for
+    /// one coalesced read per chat per burst of messages. Off, ordering relies on
+    /// `order_settle_ms` and a lagging lower id is delivered late instead.
+    pub order_proof: bool,
 }
 
 /// The shared upstream stream per chat.
@@ -158,6 +163,7 @@ impl Default for CacheConfig {
             max_bytes: 256 << 20,
             hole_grace_ms: 250,
             order_settle_ms: 75,
+            order_proof: true,
         }
     }
 }

@@ -53,6 +53,10 @@ pub struct RingLimits {
     /// How long a heard message still waits for announcements of lower ids that another
     /// replica's notify batch may deliver a little later (coderd flushes every 50 ms).
     pub settle: Duration,
+    /// Release a feed message only once a read of `id > proven_head` has covered it, so no
+    /// lower id can still appear: strict id order at the cost of one coalesced read per chat
+    /// per burst of messages.
+    pub proof: bool,
 }
 
 /// A feed message not yet visible to subscribers.
@@ -143,15 +147,10 @@ impl Ring {
         self.pending.keys().copied().collect()
     }
 
-    /// Where a repair read starts: just below the lowest pending id, but never below what is
-    /// proven (a read from there would be wasted) — the read returns every visible id above.
+    /// Where a repair read starts: the proven head, never the lowest missing id — a read from
+    /// there could not show a lower id whose announcement is still on its way.
     pub fn repair_from(&self) -> i64 {
-        let lowest = self
-            .pending
-            .keys()
-            .next()
-            .map_or(self.proven_head, |&id| id - 1);
-        lowest.max(self.proven_head)
+        self.proven_head
     }
 
     fn position(&self, id: i64) -> Result<usize, usize> {
@@ -299,10 +298,16 @@ impl Ring {
                 fx.repair_now = true;
                 break;
             }
-            let ready = match staged.heard {
-                Some(at) => at.elapsed() >= limits.settle,
-                None => expired && staged.since.elapsed() >= limits.grace,
-            };
+            if limits.proof && id > self.proven_head {
+                // Only a read proves that nothing lies between the proven head and this id.
+                fx.repair_now = true;
+                break;
+            }
+            let ready = limits.proof
+                || match staged.heard {
+                    Some(at) => at.elapsed() >= limits.settle,
+                    None => expired && staged.since.elapsed() >= limits.grace,
+                };
             if !ready {
                 fx.check_later = true;
                 break;
@@ -378,6 +383,7 @@ mod tests {
         max_bytes: 1 << 20,
         grace: Duration::from_secs(60),
         settle: Duration::ZERO,
+        proof: false,
     };
 
     fn ev(id: i64) -> Bytes {
@@ -435,6 +441,25 @@ mod tests {
         assert_eq!(ids(&ring), vec![9, 10, 12]);
     }
 
+    /// With proof on, nothing from the feed is visible before a read has covered it.
+    #[test]
+    fn proof_mode_releases_only_read_messages() {
+        let strict = RingLimits {
+            proof: true,
+            ..LIMITS
+        };
+        let mut ring = Ring::from_read(0, vec![(9, ev(9))], strict);
+        ring.announce(12, strict);
+        let fx = ring.feed_message(12, ev(12), strict);
+        assert!(fx.repair_now && !fx.advanced);
+        assert_eq!(ring.repair_from(), 9);
+        let pending = ring.pending_ids();
+        let fx = ring.merge_read(9, vec![(10, ev(10)), (12, ev(12))], &pending, strict);
+        assert!(fx.advanced);
+        assert_eq!(ids(&ring), vec![9, 10, 12]);
+        assert_eq!(ring.staged_len(), 0);
+    }
+
     /// coderd's cache answered notify 10 with message 11 and skipped 10 (protocol doc 10).
     #[test]
     fn feed_message_above_a_pending_id_is_staged_until_the_read() {
@@ -484,6 +509,7 @@ mod tests {
             max_bytes: 1 << 20,
             grace: Duration::ZERO,
             settle: Duration::ZERO,
+            proof: false,
         };
         let ring = Ring::from_read(0, (1..=5).map(|i| (i, ev(i))).collect(), limits);
         assert_eq!(ids(&ring), vec![4, 5]);
@@ -493,6 +519,7 @@ mod tests {
             max_bytes: 20,
             grace: Duration::ZERO,
             settle: Duration::ZERO,
+            proof: false,
         };
         let ring = Ring::from_read(0, (1..=5).map(|i| (i, ev(i))).collect(), small);
         assert!(ring.bytes <= 20, "{}", ring.bytes);
