@@ -220,13 +220,20 @@ impl Cache {
                         state.ring.pending_ids(),
                     )
                 };
-                cache.metrics.hole_repairs.inc();
-                tracing::debug!(chat.id = %chat.id, from, ?pending, "repairing a hole");
-                let result = cache.read_events(ReadReason::Repair, chat.id, from).await;
+                // With announced ids missing it is a hole repair; otherwise the read only
+                // proves the order of messages the feed already delivered (`order_proof`).
+                let reason = if pending.is_empty() {
+                    ReadReason::Proof
+                } else {
+                    cache.metrics.hole_repairs.inc();
+                    ReadReason::Repair
+                };
+                tracing::debug!(chat.id = %chat.id, from, ?pending, reason = reason.label(), "reading to complete the ring");
+                let result = cache.read_events(reason, chat.id, from).await;
                 let mut again = false;
                 match result {
                     Ok(rows) => {
-                        tracing::debug!(chat.id = %chat.id, from, rows = rows.len(), "hole repaired");
+                        tracing::debug!(chat.id = %chat.id, from, rows = rows.len(), "ring completed");
                         cache.apply(&chat, |state, limits| {
                             if state.epoch != epoch {
                                 return Effects::default();

@@ -30,6 +30,8 @@ pub enum DbError {
 pub enum ReadReason {
     /// An announced message never reached the cache through the feed.
     Repair,
+    /// Messages from the feed are released only once a read covers them (`order_proof`).
+    Proof,
     /// An edit rewrote the history (`full_refresh`).
     Refresh,
     /// A client asked for messages older than the cache holds.
@@ -42,6 +44,7 @@ impl ReadReason {
     pub fn label(self) -> &'static str {
         match self {
             ReadReason::Repair => "repair",
+            ReadReason::Proof => "proof",
             ReadReason::Refresh => "refresh",
             ReadReason::BelowFloor => "below_floor",
             ReadReason::Reload => "reload",

@@ -76,7 +76,7 @@ async fn catch_up_matches_coderd_and_reads_nothing_when_warm() {
         assert_eq!(message_ids(&got), want);
     }
     let text = String::from_utf8(http(admin, "GET", "/metrics", &[], "").await.2).unwrap();
-    for reason in ["repair", "below_floor", "refresh", "reload"] {
+    for reason in ["repair", "proof", "below_floor", "refresh", "reload"] {
         let name = format!("chatcache_db_reads_total{{reason=\"{reason}\"}}");
         assert_eq!(metric_in(&text, &name), 0.0, "{reason}");
     }
