@@ -257,35 +257,32 @@ impl ChatState {
 
     /// Sends an ephemeral event to every subscriber; one that cannot keep up is dropped.
     fn broadcast(&mut self, event: Bytes) {
-        self.subscribers.retain(
-            |_, slot| match slot.tx.try_send(Signal::Event(event.clone())) {
-                Ok(()) => true,
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    slot.overflowed.store(true, Ordering::Release);
-                    false
-                }
-                Err(mpsc::error::TrySendError::Closed(_)) => false,
-            },
-        );
+        self.signal_all(|| Signal::Event(event.clone()));
     }
 
     /// Tells every subscriber that the ring moved (or was rewritten).
     pub fn wake(&mut self, replay: bool) {
-        self.subscribers.retain(|_, slot| {
-            let signal = if replay {
+        self.signal_all(|| {
+            if replay {
                 Signal::Replay
             } else {
                 Signal::Durable
-            };
-            match slot.tx.try_send(signal) {
+            }
+        });
+    }
+
+    /// Queues a signal for every subscriber; one whose queue is full is marked overflowed and
+    /// dropped (its stream then ends so the client reconnects), a closed one is forgotten.
+    fn signal_all(&mut self, signal: impl Fn() -> Signal) {
+        self.subscribers
+            .retain(|_, slot| match slot.tx.try_send(signal()) {
                 Ok(()) => true,
                 Err(mpsc::error::TrySendError::Full(_)) => {
                     slot.overflowed.store(true, Ordering::Release);
                     false
                 }
                 Err(mpsc::error::TrySendError::Closed(_)) => false,
-            }
-        });
+            });
     }
 
     /// Registers a subscriber and returns its snapshot in coderd's order: status, buffered

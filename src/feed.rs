@@ -199,12 +199,7 @@ async fn follow(
                             .reset(tokio::time::Instant::now() + SNAPSHOT_QUIET);
                         continue;
                     }
-                    ctx.cache.apply(chat, |state, limits| {
-                        state.install_snapshot(after_id, collected, limits)
-                    });
-                    *loaded = true;
-                    chat.set_phase(Phase::Ready);
-                    tracing::debug!(chat.id = %chat.id, after_id, "feed open");
+                    install(ctx, chat, after_id, collected, loaded);
                     continue;
                 }
                 for (head, bytes) in parsed {
@@ -218,12 +213,7 @@ async fn follow(
                 }
             }
             _ = &mut snapshot_quiet, if waiting_for_more && snapshot.is_some() => {
-                let collected = snapshot.take().unwrap_or_default();
-                ctx.cache.apply(chat, |state, limits| {
-                    state.install_snapshot(after_id, collected, limits)
-                });
-                *loaded = true;
-                chat.set_phase(Phase::Ready);
+                install(ctx, chat, after_id, snapshot.take().unwrap_or_default(), loaded);
             }
             _ = &mut first_frame, if snapshot.is_some() && !waiting_for_more => {
                 return Stop::Broken(FeedError::Ended("no snapshot in time".into()));
@@ -239,6 +229,22 @@ async fn follow(
             }
         }
     }
+}
+
+/// Puts coderd's snapshot into the cache and lets waiting subscribers in.
+fn install(
+    ctx: &FeedContext,
+    chat: &Arc<Chat>,
+    after_id: i64,
+    snapshot: Vec<(EventHead, Bytes)>,
+    loaded: &mut bool,
+) {
+    ctx.cache.apply(chat, |state, limits| {
+        state.install_snapshot(after_id, snapshot, limits)
+    });
+    *loaded = true;
+    chat.set_phase(Phase::Ready);
+    tracing::debug!(chat.id = %chat.id, after_id, "feed open");
 }
 
 /// coderd ends a stream with these errors when its pubsub dropped notifies; they concern the

@@ -131,13 +131,9 @@ pub async fn handle(
 /// The handshake key, when this is a valid WebSocket upgrade request.
 fn websocket_key(req: &Request<Incoming>) -> Option<String> {
     let h = req.headers();
-    let has_token = |name: header::HeaderName, token: &str| {
-        h.get_all(name).iter().any(|v| {
-            v.to_str()
-                .is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
-        })
-    };
-    if !has_token(header::CONNECTION, "upgrade") || !has_token(header::UPGRADE, "websocket") {
+    if !proxy::has_token(h, header::CONNECTION, "upgrade")
+        || !proxy::has_token(h, header::UPGRADE, "websocket")
+    {
         return None;
     }
     if h.get(header::SEC_WEBSOCKET_VERSION).map(|v| v.as_bytes()) != Some(b"13") {

@@ -135,33 +135,6 @@ fn assert_no_loss(report: &Value, what: &str) {
     );
 }
 
-fn spawn_sim_at(db: &Scratch, replica: &str, addr: SocketAddr, extra: &[&str]) -> Child {
-    Command::new(sim_bin())
-        .args([
-            "serve",
-            "--listen",
-            &addr.to_string(),
-            "--database-url",
-            &db.url,
-        ])
-        .args(["--replica", replica])
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn coderd-sim")
-}
-
-async fn start_sim_at(db: &Scratch, replica: &str, addr: SocketAddr, extra: &[&str]) -> Proc {
-    let child = spawn_sim_at(db, replica, addr, extra);
-    wait_port(addr).await;
-    Proc {
-        child,
-        addr,
-        admin: None,
-    }
-}
-
 /// Peak resident memory of a process (kB), from /proc.
 fn vm_hwm_kb(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();

@@ -184,8 +184,23 @@ fn quiet() -> Stdio {
 
 /// Starts one coderd-sim replica.
 pub async fn start_sim(db: &Scratch, replica: &str, extra: &[&str]) -> Proc {
-    let addr = free_addr();
-    let child = Command::new(sim_bin())
+    start_sim_at(db, replica, free_addr(), extra).await
+}
+
+/// Starts one coderd-sim replica on a given address (a restart keeps its port).
+pub async fn start_sim_at(db: &Scratch, replica: &str, addr: SocketAddr, extra: &[&str]) -> Proc {
+    let child = spawn_sim_at(db, replica, addr, extra);
+    wait_port(addr).await;
+    Proc {
+        child,
+        addr,
+        admin: None,
+    }
+}
+
+/// Spawns a coderd-sim replica without waiting for its port.
+pub fn spawn_sim_at(db: &Scratch, replica: &str, addr: SocketAddr, extra: &[&str]) -> Child {
+    Command::new(sim_bin())
         .args([
             "serve",
             "--listen",
@@ -200,13 +215,7 @@ pub async fn start_sim(db: &Scratch, replica: &str, extra: &[&str]) -> Proc {
         .stdout(quiet())
         .stderr(quiet())
         .spawn()
-        .expect("spawn coderd-sim");
-    wait_port(addr).await;
-    Proc {
-        child,
-        addr,
-        admin: None,
-    }
+        .expect("spawn coderd-sim")
 }
 
 /// Starts a chatcache in front of `upstream` with a written config file plus `extra` TOML.
