@@ -74,7 +74,12 @@ async fn cross_replica_hole_is_repaired() {
         .collect();
     assert!(new.contains(&x) && new.len() >= 3, "{new:?}");
 
-    let mut got = message_ids(&cached.until(WAIT, |ev| message_ids(ev).contains(&x)).await);
+    // With order_proof the hole arrives first, in order, so wait for all of them.
+    let all_seen = |ev: &[serde_json::Value]| {
+        let ids = message_ids(ev);
+        new.iter().all(|id| ids.contains(id))
+    };
+    let mut got = message_ids(&cached.until(WAIT, all_seen).await);
     got.sort_unstable();
     assert_eq!(
         got, new,
