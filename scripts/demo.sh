@@ -86,6 +86,7 @@ status=0
 $BIN/chatload run --targets http://127.0.0.1:8080,http://127.0.0.1:8081 \
     --seed-file "$LOGS/seed.json" --turns "${TURNS:-5}" \
     --subscribers-per-chat "${SUBSCRIBERS:-3}" --reconnect-each-turn --edit-every 3 \
+    --scrape http://127.0.0.1:9090/metrics,http://127.0.0.1:9091/metrics \
     --database-url "$URL" --json "$LOGS/chatload.json" || status=$?
 
 echo

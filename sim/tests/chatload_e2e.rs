@@ -297,26 +297,45 @@ fn assert_no_faults(report: &Value) {
     assert!(report["catchup_p99_ms"].as_f64().is_some(), "{report:#}");
 }
 
+/// The acceptance run: 50 chats × 5 turns × 3 subscribers on two `--stream-cache off`
+/// replicas, every subscriber reconnecting after each turn, one edit per chat (the fourth turn).
 #[test]
 fn envelope_reconnects_and_edits_lose_nothing() {
     let report = chatload_against_two_replicas(
         "envelope",
         "envelope",
-        10,
+        50,
         &[
             "--turns",
-            "3",
+            "5",
             "--subscribers-per-chat",
             "3",
             "--reconnect-each-turn",
             "--edit-every",
-            "2",
+            "3",
         ],
     );
     assert_no_faults(&report);
-    assert_eq!(report["turns"], 30, "{report:#}");
+    assert_eq!(report["turns"], 250, "{report:#}");
+    assert_eq!(report["subscribers"], 150, "{report:#}");
     // Every subscriber reconnects once per turn.
-    assert!(report["reconnects"].as_u64().unwrap() >= 90, "{report:#}");
+    let reconnects = report["reconnects"].as_u64().unwrap();
+    assert!(reconnects >= 750, "{report:#}");
+
+    // The reads, from both replicas' /metrics: without coderd's cache every connect reads one
+    // snapshot (relay streams between the replicas read theirs too) and every message notify
+    // is read again by each subscriber; chatload sends no REST reads.
+    let reads = &report["db_reads"];
+    let series = &reads["by_series"];
+    let snapshots = series["coderd_sim/stream_snapshot"].as_u64().unwrap();
+    assert!(snapshots >= 150 + reconnects, "{reads:#}");
+    assert_eq!(series["coderd_sim/rest"], 0, "{reads:#}");
+    let notify = series["coderd_sim/stream_notify"].as_u64().unwrap();
+    assert!(notify >= 250, "{reads:#}");
+    assert_eq!(reads["total"], snapshots + notify, "{reads:#}");
+    let per_turn = reads["per_turn"].as_f64().unwrap();
+    assert!((per_turn - reads["total"].as_f64().unwrap() / 250.0).abs() < 1e-9);
+    assert_eq!(reads["pages"].as_array().unwrap().len(), 2, "{reads:#}");
 }
 
 #[test]

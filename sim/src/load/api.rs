@@ -153,6 +153,31 @@ impl ChatApi {
                 reason: err.to_string(),
             })?;
 
+        self.exchange(method, url, request).await
+    }
+
+    /// `GET url` without credentials (a Prometheus `/metrics` page); returns the body as text.
+    pub async fn get_text(&self, url: &str) -> Result<String, ApiError> {
+        let request = Request::builder()
+            .method(Method::GET)
+            .uri(url)
+            .body(Full::new(Bytes::new()))
+            .map_err(|err| ApiError::Body {
+                method: Method::GET,
+                url: url.to_owned(),
+                reason: err.to_string(),
+            })?;
+        let body = self.exchange(Method::GET, url.to_owned(), request).await?;
+        Ok(String::from_utf8_lossy(&body).into_owned())
+    }
+
+    /// Sends `request` within [`CALL_TIMEOUT`] and returns the body of a 2xx answer.
+    async fn exchange(
+        &self,
+        method: Method,
+        url: String,
+        request: Request<Full<Bytes>>,
+    ) -> Result<Bytes, ApiError> {
         let exchange = async {
             let response =
                 self.client

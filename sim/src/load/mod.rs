@@ -15,6 +15,7 @@
 //! | `api` | sending a turn: `POST .../messages` or `PATCH .../messages/{id}` |
 //! | `history` | what Postgres says: turn finished, visible history of a chat |
 //! | `chat` | one chat driven through all its turns with its subscribers |
+//! | `reads` | message reads by coderd and sidecars, from their `/metrics` pages |
 //! | `report` | tallies, percentiles, the table and the JSON file |
 //! | `run` | the whole run: setup, chats in parallel, the verdict |
 //!
@@ -50,6 +51,7 @@ pub mod frame;
 pub mod history;
 pub mod ledger;
 pub mod options;
+pub mod reads;
 pub mod report;
 pub mod run;
 pub mod seed;

@@ -54,6 +54,11 @@ pub struct RunOptions {
     #[arg(long, default_value_t = 30_000)]
     pub turn_timeout_ms: u64,
 
+    /// Extra Prometheus pages whose message-read counters are reported with the targets' own
+    /// (for instance a sidecar's admin `http://host:port/metrics`), comma separated.
+    #[arg(long, value_delimiter = ',', value_name = "URL")]
+    pub scrape: Vec<String>,
+
     /// Also write the report as JSON to this file.
     #[arg(long, value_name = "OUT")]
     pub json: Option<String>,

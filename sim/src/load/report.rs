@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use super::ledger::Faults;
+use super::reads::Reads;
 use super::LoadError;
 
 /// Everything counted while driving chats; tallies of chats are merged into one for the report.
@@ -86,6 +87,9 @@ pub struct Report {
     /// Total of `errors_by_message`.
     pub errors: u64,
     pub errors_by_message: BTreeMap<String, u64>,
+    /// Message reads the targets (and `--scrape` pages) counted during the run; `null` when a
+    /// page could not be read.
+    pub db_reads: Option<Reads>,
 }
 
 impl Report {
@@ -108,6 +112,7 @@ impl Report {
             total_ms: millis(total),
             errors: tally.errors.values().sum(),
             errors_by_message: tally.errors,
+            db_reads: None,
         }
     }
 
@@ -156,6 +161,18 @@ impl Report {
         let mut out = String::new();
         for (name, value) in rows {
             let _ = writeln!(out, "{name:<16} {value:>12}");
+        }
+        match &self.db_reads {
+            Some(reads) => {
+                let _ = writeln!(out, "{:<16} {:>12}", "db reads", reads.total);
+                let _ = writeln!(out, "{:<16} {:>12}", "db reads/turn", ms(reads.per_turn));
+                for (series, count) in reads.by_series.iter().filter(|(_, count)| **count > 0) {
+                    let _ = writeln!(out, "  reads {series}: {count}");
+                }
+            }
+            None => {
+                let _ = writeln!(out, "{:<16} {:>12}", "db reads", "-");
+            }
         }
         for (message, count) in &self.errors_by_message {
             let _ = writeln!(out, "  error x{count}: {message}");

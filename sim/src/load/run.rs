@@ -6,11 +6,12 @@ use std::sync::Arc;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use super::api::ChatApi;
 use super::chat::{self, RunContext};
 use super::history::History;
+use super::reads::ReadScraper;
 use super::report::{Report, Tally};
 use super::seed::{Seed, SeedError};
 use super::{LoadError, RunOptions};
@@ -51,10 +52,15 @@ pub async fn run(options: RunOptions) -> Result<Report, LoadError> {
         "load run starting"
     );
 
+    let api = ChatApi::default();
+    let bases: Vec<String> = targets.iter().map(|t| t.http_base.clone()).collect();
+    let scraper = ReadScraper::new(&bases, &options.scrape);
+    let reads_before = scraper.scrape(&api).await;
+
     let ctx = Arc::new(RunContext {
         options,
         targets: targets.into(),
-        api: ChatApi::default(),
+        api,
         history,
         on_turn: progress_logger(total_turns),
     });
@@ -83,13 +89,20 @@ pub async fn run(options: RunOptions) -> Result<Report, LoadError> {
         collect(&mut tally, done);
     }
 
-    let report = Report::new(tally, chat_count, subscribers, started.elapsed());
+    let reads_after = scraper.scrape(&ctx.api).await;
+    let reads = scraper.between(&reads_before, &reads_after, tally.turns);
+    if let Err(reason) = &reads {
+        warn!(%reason, "database reads are not reported");
+    }
+    let mut report = Report::new(tally, chat_count, subscribers, started.elapsed());
+    report.db_reads = reads.ok();
     info!(
         turns = report.turns,
         lost = report.lost,
         duplicated = report.duplicated,
         out_of_order = report.out_of_order,
         foreign = report.foreign,
+        db_reads = report.db_reads.as_ref().map(|reads| reads.total),
         "load run finished"
     );
     Ok(report)
