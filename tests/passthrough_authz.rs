@@ -109,6 +109,75 @@ async fn rest_and_errors_pass_through_byte_identical() {
     );
 }
 
+/// Sends a GET and returns how long after the first body bytes the last ones arrived.
+async fn body_spread(addr: std::net::SocketAddr, path: &str, token: &str) -> Duration {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nCoder-Session-Token: {token}\r\n\r\n"
+    );
+    socket.write_all(request.as_bytes()).await.unwrap();
+    let (mut seen, mut first_body, mut last) = (Vec::new(), None, None);
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(10), socket.read(&mut buf))
+            .await
+            .expect("download stalled")
+            .unwrap();
+        if n == 0 {
+            break;
+        }
+        seen.extend_from_slice(&buf[..n]);
+        let head_end = seen.windows(4).position(|w| w == b"\r\n\r\n");
+        if matches!(head_end, Some(end) if seen.len() > end + 4) {
+            let now = tokio::time::Instant::now();
+            first_body.get_or_insert(now);
+            last = Some(now);
+        }
+    }
+    last.unwrap() - first_body.expect("a body arrived")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamed_downloads_pass_through_as_they_come() {
+    let db = Scratch::new().await;
+    let users = seed(&db, 1, 1);
+    let token = users[0].token.as_str();
+    let sim = start_sim(&db, "a", &[]).await;
+    let side = start_sidecar(&db, sim.addr, "").await;
+    let auth = [("Coder-Session-Token", token)];
+
+    // Large and fast, small and slow, and a refused one: identical through chatcache.
+    for query in [
+        "chunks=64&chunk_bytes=65536&delay_ms=0",
+        "chunks=5&chunk_bytes=7&delay_ms=50",
+        "chunks=-1",
+    ] {
+        let path = format!("/api/experimental/sim/download?{query}");
+        let direct = http(sim.addr, "GET", &path, &auth, "").await;
+        let proxied = http(side.addr, "GET", &path, &auth, "").await;
+        assert_eq!(essence(&proxied), essence(&direct), "{path}");
+    }
+    let path = "/api/experimental/sim/download?chunks=64&chunk_bytes=65536&delay_ms=0";
+    let proxied = http(side.addr, "GET", path, &auth, "").await;
+    assert_eq!(proxied.0, 200);
+    assert_eq!(proxied.2.len(), 64 * 65536);
+    assert!(proxied
+        .2
+        .iter()
+        .enumerate()
+        .all(|(i, b)| *b == b'a' + (i % 26) as u8));
+
+    // Five pieces 200 ms apart: the proxy passes each on as it comes, so the body's bytes
+    // arrive over at least 800 ms, not at once after buffering (allowing half for jitter).
+    let path = "/api/experimental/sim/download?chunks=5&chunk_bytes=100&delay_ms=200";
+    let spread = body_spread(side.addr, path, token).await;
+    assert!(
+        spread >= Duration::from_millis(400),
+        "body arrived within {spread:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn other_websockets_are_tunnelled() {
     let db = Scratch::new().await;

@@ -9,6 +9,7 @@
 
 mod auth;
 pub mod chats;
+mod download;
 mod messages;
 mod query;
 pub mod response;
@@ -55,6 +56,7 @@ pub async fn handle(replica: Arc<Replica>, req: Request<Incoming>) -> HttpRespon
         (&Method::GET, ["chats"]) => chats::list(&replica, user_id).await,
         (&Method::POST, ["chats"]) => chats::create(&replica, user_id, req).await,
         (&Method::GET, ["chats", "watch"]) => watch::watch(replica, user_id, req).await,
+        (&Method::GET, ["sim", "download"]) => download::download(req.uri().query()),
         (_, ["chats", chat, rest @ ..]) if known_chat_route(&method, rest) => {
             let chat = match chat_param(&replica, chat, user_id).await {
                 Ok(chat) => chat,

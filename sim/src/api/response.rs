@@ -1,14 +1,23 @@
 //! Responses as coderd's `httpapi.Write` produces them: compact JSON with Go's HTML escaping,
 //! a trailing newline, and `application/json; charset=utf-8`.
 
+use std::convert::Infallible;
+
 use bytes::Bytes;
 use http::{header, Response, StatusCode};
-use http_body_util::Full;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
 use serde_json::{Map, Value};
 
 use crate::gojson;
 
-pub type HttpResponse = Response<Full<Bytes>>;
+/// A response whose body is whole (almost all) or streamed (the download fixture).
+pub type HttpResponse = Response<BoxBody<Bytes, Infallible>>;
+
+/// A whole body.
+pub fn full(bytes: impl Into<Bytes>) -> BoxBody<Bytes, Infallible> {
+    Full::new(bytes.into()).boxed()
+}
 
 /// Writes `body` as `json.Encoder` would.
 pub fn json(status: StatusCode, body: &Value) -> HttpResponse {
@@ -17,7 +26,7 @@ pub fn json(status: StatusCode, body: &Value) -> HttpResponse {
     Response::builder()
         .status(status)
         .header(header::CONTENT_TYPE, "application/json; charset=utf-8")
-        .body(Full::new(Bytes::from(text)))
+        .body(full(text))
         .expect("static response parts")
 }
 
@@ -58,7 +67,7 @@ pub fn internal(message: &str, detail: &str) -> HttpResponse {
 pub fn no_content() -> HttpResponse {
     Response::builder()
         .status(StatusCode::NO_CONTENT)
-        .body(Full::new(Bytes::new()))
+        .body(full(Bytes::new()))
         .expect("static response parts")
 }
 
@@ -66,6 +75,6 @@ pub fn text(status: StatusCode, content_type: &str, body: String) -> HttpRespons
     Response::builder()
         .status(status)
         .header(header::CONTENT_TYPE, content_type)
-        .body(Full::new(Bytes::from(body)))
+        .body(full(body))
         .expect("static response parts")
 }

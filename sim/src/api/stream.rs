@@ -5,7 +5,6 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{header, Request, Response, StatusCode};
-use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
@@ -154,7 +153,7 @@ pub(super) fn accept(
         .header(header::CONNECTION, "Upgrade")
         .header(header::UPGRADE, "websocket")
         .header(header::SEC_WEBSOCKET_ACCEPT, derive_accept_key(&key))
-        .body(Full::new(Bytes::new()))
+        .body(response::full(Bytes::new()))
         .expect("static response parts");
     Ok((accepted, hyper::upgrade::on(req)))
 }
