@@ -1,5 +1,5 @@
 //! The properties the fuzz targets check, shared by the libFuzzer binaries in `fuzz_targets/`
-//! and by `tests/adversarial.rs`, which runs them over a seeded corpus on stable Rust.
+//! and by `tests/adversarial/`, which runs them over a seeded corpus on stable Rust.
 //!
 //! Each function takes arbitrary bytes and panics only when a property does not hold.
 

@@ -5,7 +5,7 @@
 #
 # libFuzzer needs a nightly toolchain (sanitizer flags); the rustup nightly installed on the
 # development machines is used. Without nightly, the same properties still run on stable as
-# the property test `fuzz_targets_hold_on_a_seeded_corpus` in tests/adversarial.rs.
+# the property test `fuzz_targets_hold_on_a_seeded_corpus` in tests/adversarial/.
 # A crash leaves its input in fuzz/artifacts/<target>/; turn it into a regression test.
 set -euo pipefail
 cd "$(dirname "$0")/.."

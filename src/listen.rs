@@ -18,6 +18,10 @@ use uuid::Uuid;
 use crate::cache::Cache;
 
 const CHANNEL_PREFIX: &str = "chat:stream:";
+/// The longest wait between LISTEN connection attempts. While LISTEN is down new streams fail
+/// open to coderd, so a short cap keeps that window close to the outage itself; one connection
+/// attempt every few seconds costs Postgres nothing.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ListenError {
@@ -60,7 +64,8 @@ pub fn channel_chat(channel: &str) -> Option<Uuid> {
 }
 
 impl Listener {
-    /// Starts the LISTEN task; it reconnects on its own with backoff from 1 s to 1 min.
+    /// Starts the LISTEN task; it reconnects on its own with backoff from 1 s to
+    /// [`MAX_BACKOFF`].
     pub fn start(database_url: String, cache: Arc<Cache>) -> Self {
         let (commands, rx) = mpsc::unbounded_channel();
         let (up_tx, up) = watch::channel(false);
@@ -120,7 +125,7 @@ async fn run(
                 tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "LISTEN connection failed");
                 fail_commands(&mut commands, &mut channels);
                 tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(60));
+                backoff = (backoff * 2).min(MAX_BACKOFF);
                 continue;
             }
         };
@@ -177,7 +182,7 @@ async fn run(
             continue;
         }
         tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(60));
+        backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }
 

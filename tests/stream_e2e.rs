@@ -5,6 +5,7 @@ mod common;
 
 use std::time::Duration;
 
+use common::private_pg::PrivatePg;
 use common::*;
 use serde_json::Value;
 
@@ -34,9 +35,42 @@ async fn run_turns(
     }
 }
 
+/// How every `GetChatMessagesByChatID`-shaped read begins, chatcache's and coderd-sim's.
+const MESSAGE_READ: &str = "SELECT id, chat_id,";
+
+/// Postgres's own count of message reads in the current database: calls of message-row
+/// statements (pg_stat_statements, every client), and those it logged for chatcache and for
+/// coderd-sim by `application_name` (`log_line_prefix = '%a|'`).
+async fn postgres_reads(server: &PrivatePg, db: &tokio_postgres::Client) -> (i64, usize, usize) {
+    let calls: i64 = db
+        .query_one(
+            "SELECT coalesce(sum(calls), 0)::bigint FROM pg_stat_statements s \
+             JOIN pg_database d ON d.oid = s.dbid \
+             WHERE d.datname = current_database() AND s.query LIKE $1 || '%FROM chat_messages%'",
+            &[&MESSAGE_READ],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let log = server.log();
+    let logged = |app: &str| {
+        log.lines()
+            .filter(|l| l.starts_with(&format!("{app}|")) && l.contains(MESSAGE_READ))
+            .count()
+    };
+    (calls, logged("chatcache"), logged("coderd-sim/a"))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn catch_up_matches_coderd_and_reads_nothing_when_warm() {
-    let db = Scratch::new().await;
+    // A private server, so pg_stat_statements can be preloaded and every statement logged with
+    // the client's application_name.
+    let server = PrivatePg::with_settings(
+        "shared_preload_libraries = 'pg_stat_statements'\n\
+         log_statement = 'all'\nlog_line_prefix = '%a|'",
+    );
+    server.start();
+    let db = server.scratch().await;
     let users = seed(&db, 1, 1);
     let (token, chat) = (&users[0].token, &users[0].chats[0]);
     let sim = start_sim(&db, "a", &["--part-delay-ms", "2", "--turn-parts", "3"]).await;
@@ -65,6 +99,22 @@ async fn catch_up_matches_coderd_and_reads_nothing_when_warm() {
     assert_eq!(reads, 0.0, "warm catch-ups must not read Postgres");
     assert!(metric(admin, "chatcache_catchup_total{result=\"hit\"}").await >= 4.0);
 
+    // Postgres's own counts before the reconnects. chatcache filled its cache from coderd's
+    // stream, not from Postgres; the log does attribute its statements (its LISTEN is there).
+    pg.batch_execute("CREATE EXTENSION pg_stat_statements")
+        .await
+        .unwrap();
+    let before = postgres_reads(&server, &pg).await;
+    let listens = server
+        .log()
+        .lines()
+        .filter(|l| l.starts_with("chatcache-listen|") && l.contains("LISTEN \"chat:stream:"))
+        .count();
+    assert!(
+        listens >= 1,
+        "chatcache's LISTEN is logged under its application_name"
+    );
+
     // 100 reconnects with various after_id: still no reads by chatcache.
     for i in 0..100 {
         let after = ids[i % ids.len()];
@@ -80,6 +130,13 @@ async fn catch_up_matches_coderd_and_reads_nothing_when_warm() {
         let name = format!("chatcache_db_reads_total{{reason=\"{reason}\"}}");
         assert_eq!(metric_in(&text, &name), 0.0, "{reason}");
     }
+    // No statement on chat_messages by anyone during the reconnects (pg_stat_statements), none
+    // logged for chatcache, and coderd was not asked either.
+    let after = postgres_reads(&server, &pg).await;
+    assert_eq!(
+        after, before,
+        "(pg_stat_statements calls, chatcache, coderd-sim) statements"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

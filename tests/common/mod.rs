@@ -2,6 +2,8 @@
 //! real `coderd-sim` and `chatcache` processes on loopback ports, and small raw clients.
 #![allow(dead_code)]
 
+pub mod private_pg;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -20,19 +22,31 @@ pub const PG: &str = "postgres://postgres@127.0.0.1:5432";
 pub struct Scratch {
     pub name: String,
     pub url: String,
+    /// The server it lives on, as `postgres://user@host:port` (no database).
+    pub server: String,
 }
 
 impl Scratch {
+    /// A scratch database on the shared local Postgres.
     pub async fn new() -> Self {
+        Self::on(PG).await
+    }
+
+    /// A scratch database with coderd's schema on the server at `server` (no database part).
+    pub async fn on(server: &str) -> Self {
         let name = format!("chatcache_test_{:016x}", rand::random::<u64>());
-        let admin = connect(&format!("{PG}/postgres")).await;
+        let admin = connect(&format!("{server}/postgres")).await;
         admin
             .batch_execute(&format!("CREATE DATABASE {name}"))
             .await
             .expect("create db");
-        let url = format!("{PG}/{name}");
+        let url = format!("{server}/{name}");
         run_sim(&["migrate", "--database-url", &url]);
-        Self { name, url }
+        Self {
+            name,
+            url,
+            server: server.to_string(),
+        }
     }
 
     pub async fn client(&self) -> tokio_postgres::Client {
@@ -42,14 +56,20 @@ impl Scratch {
 
 impl Drop for Scratch {
     fn drop(&mut self) {
-        let name = self.name.clone();
+        let (name, server) = (self.name.clone(), self.server.clone());
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .unwrap();
             rt.block_on(async {
-                let admin = connect(&format!("{PG}/postgres")).await;
+                // A test may leave its (private) server stopped: then there is nothing to drop.
+                let url = format!("{server}/postgres");
+                let Ok((admin, conn)) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await
+                else {
+                    return;
+                };
+                tokio::spawn(conn);
                 let _ = admin
                     .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
                     .await;
@@ -229,6 +249,24 @@ pub async fn start_sidecar_at(
     extra: &str,
     addr: SocketAddr,
 ) -> Proc {
+    let p = spawn_sidecar_at(db, upstream, extra, addr).await;
+    let admin = p.admin.unwrap();
+    // Ready means LISTEN and the pool are up, so the first stream is served, not failed open.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while http(admin, "GET", "/ready", &[], "").await.0 != 200 {
+        assert!(Instant::now() < deadline, "chatcache never became ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    p
+}
+
+/// Starts a chatcache like [`start_sidecar_at`] but returns once its ports listen, ready or not.
+pub async fn spawn_sidecar_at(
+    db: &Scratch,
+    upstream: SocketAddr,
+    extra: &str,
+    addr: SocketAddr,
+) -> Proc {
     let admin = free_addr();
     let path = std::env::temp_dir().join(format!("chatcache-{}-{}.toml", db.name, addr.port()));
     let config = format!(
@@ -245,18 +283,11 @@ pub async fn start_sidecar_at(
         .expect("spawn chatcache");
     wait_port(addr).await;
     wait_port(admin).await;
-    let p = Proc {
+    Proc {
         child,
         addr,
         admin: Some(admin),
-    };
-    // Ready means LISTEN and the pool are up, so the first stream is served, not failed open.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while http(admin, "GET", "/ready", &[], "").await.0 != 200 {
-        assert!(Instant::now() < deadline, "chatcache never became ready");
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    p
 }
 
 /// One raw HTTP/1.1 request with `Connection: close`; returns (status, headers, body bytes).

@@ -60,7 +60,10 @@ pub fn download(raw_query: Option<&str>) -> HttpResponse {
         let piece: Vec<u8> = (start..start + chunk_bytes)
             .map(|i| b'a' + (i % 26) as u8)
             .collect();
-        Some((Ok::<_, Infallible>(Frame::data(Bytes::from(piece))), index + 1))
+        Some((
+            Ok::<_, Infallible>(Frame::data(Bytes::from(piece))),
+            index + 1,
+        ))
     });
     Response::builder()
         .status(StatusCode::OK)
@@ -91,7 +94,9 @@ mod tests {
     async fn bad_parameters_are_rejected() {
         let (status, bytes) = body("chunks=1001").await;
         assert_eq!(status, StatusCode::BAD_REQUEST);
-        assert!(String::from_utf8(bytes).unwrap().contains("\"field\":\"chunks\""));
+        assert!(String::from_utf8(bytes)
+            .unwrap()
+            .contains("\"field\":\"chunks\""));
         let (status, _) = body("delay_ms=-1").await;
         assert_eq!(status, StatusCode::BAD_REQUEST);
     }

@@ -1,0 +1,112 @@
+//! History replays: an edit over the ring limit and a LISTEN reconnect must replay exactly
+//! what coderd replays, no less and no more.
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::common::*;
+use crate::support::*;
+
+// ---------------------------------------------------------------------------------------------
+// Regression tests of defects this suite found (tests/RELIABILITY.md, "Defects found"); each
+// failed before its fix.
+// ---------------------------------------------------------------------------------------------
+
+/// After an edit coderd resends the chat's whole visible history. When the chat has more
+/// messages than `cache.max_messages_per_chat`, the refresh read is trimmed to the ring and
+/// only the ring (the newest messages) is replayed, so clients that restart their view on a
+/// replay, as coderd's clients do, lose the older messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edit_replays_the_whole_history_of_a_chat_over_the_ring_limit() {
+    let db = Scratch::new().await;
+    let users = seed(&db, 1, 1);
+    let (token, chat) = (users[0].token.as_str(), users[0].chats[0].as_str());
+    let sim = start_sim(&db, "a", &["--part-delay-ms", "1", "--turn-parts", "2"]).await;
+    let side = start_sidecar(&db, sim.addr, "[cache]\nmax_messages_per_chat = 4\n").await;
+    let pg = db.client().await;
+    for t in 0..4 {
+        post_message(sim.addr, chat, token, &format!("t{t}")).await;
+        wait_idle(&pg, chat).await;
+    }
+    let before = db_ids(&pg, chat).await;
+    let mut direct = subscribe(sim.addr, chat, *before.last().unwrap(), token).await;
+    let mut cached = subscribe(side.addr, chat, *before.last().unwrap(), token).await;
+    direct.events_for(Duration::from_millis(300)).await;
+    cached.events_for(Duration::from_millis(300)).await;
+
+    // Edit the newest user message: history is rewritten and replayed.
+    let edited = before[before.len() - 2];
+    let body = serde_json::json!({"content": [{"type": "text", "text": "edited"}]}).to_string();
+    let path = format!("/api/experimental/chats/{chat}/messages/{edited}");
+    let (status, _, _) = http(
+        side.addr,
+        "PATCH",
+        &path,
+        &[("Coder-Session-Token", token)],
+        &body,
+    )
+    .await;
+    assert_eq!(status, 200);
+    wait_idle(&pg, chat).await;
+    let after = db_ids(&pg, chat).await;
+    let want = until_last(&mut direct, &after).await;
+    let got = until_last(&mut cached, &after).await;
+    // The replay starts at the first visible message.
+    let replay = |ev: &[Value]| {
+        let ids = message_ids(ev);
+        let start = ids.iter().rposition(|&id| id == after[0]);
+        start.map(|s| ids[s..].to_vec())
+    };
+    assert_eq!(
+        replay(&want),
+        Some(after.clone()),
+        "coderd replays everything"
+    );
+    assert_eq!(replay(&got), Some(after), "chatcache replays everything");
+}
+
+/// A LISTEN reconnect reloads every chat. When the reload finds a message the ring does not
+/// hold yet (committed by another replica, its notify still to come), `finish_refresh` takes
+/// the longer history for a rewritten one and replays the whole chat to every subscriber,
+/// which then receives every message it already holds a second time (chatload counts these as
+/// duplicates; in a load run with LISTEN kills they are thousands). Nothing was edited: the
+/// subscriber must get only the new message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listen_reconnect_sends_no_message_twice() {
+    let db = Scratch::new().await;
+    let users = seed(&db, 1, 1);
+    let (token, chat) = (users[0].token.as_str(), users[0].chats[0].as_str());
+    let sim = start_sim(&db, "a", &["--part-delay-ms", "1", "--turn-parts", "2"]).await;
+    let side = start_sidecar(&db, sim.addr, "").await;
+    let admin = side.admin.unwrap();
+    let pg = db.client().await;
+    post_message(side.addr, chat, token, "before").await;
+    wait_idle(&pg, chat).await;
+    let mut s = subscribe(side.addr, chat, 0, token).await;
+    let mut seen = s.events_for(Duration::from_millis(300)).await;
+
+    // Another replica commits a message; its notify has not arrived when LISTEN drops.
+    let chat_uuid: uuid::Uuid = chat.parse().unwrap();
+    pg.execute(
+        "INSERT INTO chat_messages (chat_id, role, content) VALUES ($1, 'user', \
+         '[{\"type\":\"text\",\"text\":\"from replica b\"}]'::jsonb)",
+        &[&chat_uuid],
+    )
+    .await
+    .unwrap();
+    assert_eq!(kill_listen(&pg).await, 1);
+    let deadline = Instant::now() + WAIT;
+    while metric(admin, "chatcache_listen_reconnects_total").await < 1.0 {
+        assert!(Instant::now() < deadline, "LISTEN never came back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let ids = db_ids(&pg, chat).await;
+    seen.extend(until_last(&mut s, &ids).await);
+    seen.extend(s.events_for(Duration::from_millis(300)).await);
+    assert_eq!(
+        message_ids(&seen),
+        ids,
+        "each message exactly once, in order"
+    );
+}
