@@ -73,6 +73,11 @@ pub struct ServeArgs {
     /// Other replicas, `NAME=ADDR,...`, for the part relay.
     #[arg(long, default_value = "")]
     pub peers: String,
+    /// A running chat whose worker has not heartbeated for this long is claimed again
+    /// (coderd: 5 minutes). Fault tests shorten it so a turn cut by a database restart is
+    /// retried within the test.
+    #[arg(long, default_value_t = 300_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub stale_chat_ms: u64,
     /// Connections in the query pool.
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub db_pool_size: u32,
@@ -89,6 +94,7 @@ impl ServeArgs {
             part_delay: Duration::from_millis(self.part_delay_ms),
             access_url: format!("http://{}", self.listen),
             db_pool_size: self.db_pool_size,
+            stale_chat: Duration::from_millis(self.stale_chat_ms),
         }
     }
 }

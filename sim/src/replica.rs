@@ -35,6 +35,8 @@ pub struct Settings {
     /// Connections in the replica's query pool (coderd's default pool is larger; tests that
     /// run many replicas side by side keep it small).
     pub db_pool_size: u32,
+    /// How long a running chat may go without a heartbeat before it is claimed again.
+    pub stale_chat: Duration,
 }
 
 /// A peer replica, found by the `worker_id` its name derives to.

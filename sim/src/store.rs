@@ -288,21 +288,23 @@ pub async fn clear_queue(c: &impl GenericClient, chat_id: Uuid) -> Result<(), Db
 }
 
 /// `AcquireChats`: claims up to `limit` pending chats (and running chats whose worker stopped
-/// heartbeating 5 minutes ago) for this worker, skipping chats another transaction holds.
-/// Returns each claimed chat with its claim time.
+/// heartbeating `stale` ago; coderd: 5 minutes) for this worker, skipping chats another
+/// transaction holds. Returns each claimed chat with its claim time.
 pub async fn acquire_chats(
     c: &impl GenericClient,
     worker_id: Uuid,
     limit: i64,
+    stale: std::time::Duration,
 ) -> Result<Vec<(Uuid, DateTime<Utc>)>, DbError> {
+    let stale_ms = i64::try_from(stale.as_millis()).unwrap_or(i64::MAX);
     let rows = c
         .query(
             "UPDATE chats SET status = 'running', worker_id = $1, started_at = now(), \
              heartbeat_at = now(), updated_at = now() WHERE id IN (SELECT id FROM chats \
              WHERE status = 'pending' OR (status = 'running' AND heartbeat_at < now() - \
-             interval '5 minutes') ORDER BY updated_at LIMIT $2 FOR UPDATE SKIP LOCKED) \
-             RETURNING id, started_at",
-            &[&worker_id, &limit],
+             make_interval(secs => $3::bigint / 1000.0)) ORDER BY updated_at LIMIT $2 \
+             FOR UPDATE SKIP LOCKED) RETURNING id, started_at",
+            &[&worker_id, &limit, &stale_ms],
         )
         .await?;
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())

@@ -54,7 +54,10 @@ pub async fn run(replica: Arc<Replica>) {
             _ = replica.worker_wake.notified() => {}
         }
         let claimed = match replica.pool.get().await {
-            Ok(conn) => store::acquire_chats(&*conn, replica.worker_id, CHATS_PER_ACQUIRE).await,
+            Ok(conn) => {
+                let stale = replica.settings.stale_chat;
+                store::acquire_chats(&*conn, replica.worker_id, CHATS_PER_ACQUIRE, stale).await
+            }
             Err(e) => Err(e.into()),
         };
         match claimed {

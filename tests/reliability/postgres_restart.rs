@@ -1,5 +1,4 @@
-//! Postgres restarted under a running chatload (long variant only), on a private server of its
-//! own.
+//! Postgres restarted under a running chatload, on a private server of its own.
 
 use std::time::Duration;
 
@@ -7,18 +6,22 @@ use crate::common;
 use crate::common::*;
 use crate::support::*;
 
-/// Restarts Postgres under a running chatload. Runs only with `CHATCACHE_LONG_TESTS=1`. The
-/// server is a private cluster of this test (`common::private_pg`), so other tests may run
-/// alongside: the shared server is never restarted.
+/// Restarts Postgres under a running chatload. The server is a private cluster of this test
+/// (`common::private_pg`), so other tests may run alongside: the shared server is never
+/// restarted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn long_postgres_restart_during_a_load_run() {
-    if !long_tests() {
-        return;
-    }
+async fn postgres_restart_during_a_load_run_loses_nothing() {
     let server = common::private_pg::PrivatePg::started();
     let db = server.scratch().await;
     let (seed, users) = seed_file(&db, 2, 2);
-    let sim = start_sim(&db, "a", &["--part-delay-ms", "20"]).await;
+    // A turn whose writes the restart cuts leaves its chat `running`; coderd claims such a chat
+    // again after 5 minutes without a heartbeat, the sim here after 3 s.
+    let sim = start_sim(
+        &db,
+        "a",
+        &["--part-delay-ms", "20", "--stale-chat-ms", "3000"],
+    )
+    .await;
     let side = start_sidecar(&db, sim.addr, "").await;
     let admin = side.admin.unwrap();
     let mut load = start_load(
@@ -44,10 +47,13 @@ async fn long_postgres_restart_during_a_load_run() {
         metric(admin, "chatcache_listen_reconnects_total").await,
         metric(admin, "chatcache_fail_open_total{reason=\"listen_down\"}").await
     );
-    // Duplicates are the replay of defect `listen_reconnect_sends_no_message_twice`.
-    for key in ["lost", "out_of_order", "foreign", "failed_turns"] {
+    for key in ["lost", "duplicated", "out_of_order", "foreign"] {
         assert_eq!(report[key], 0, "{key} in {report:#}");
     }
+    // coderd answers 500 to a turn whose query the restart cuts (at most the one turn in
+    // flight per chat); chatload counts it as failed and goes on.
+    let failed = report["failed_turns"].as_u64().unwrap();
+    assert!(failed <= users.len() as u64 * 2, "{report:#}");
     let pg = db.client().await;
     for user in &users {
         for chat in &user.chats {
