@@ -5,7 +5,6 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::protocol::Role;
@@ -250,14 +249,6 @@ pub async fn wait_metric_for(admin: SocketAddr, name: &str, want: f64, what: &st
     }
 }
 
-/// A fresh subscriber through `addr` receives exactly Postgres's visible history.
-pub async fn history_exact(addr: SocketAddr, pg: &tokio_postgres::Client, chat: &str, token: &str) {
-    let ids = db_ids(pg, chat).await;
-    let mut s = subscribe(addr, chat, 0, token).await;
-    let got = until_last(&mut s, &ids).await;
-    assert_eq!(message_ids(&got), ids, "history of {chat}");
-}
-
 /// Inserts a row the way another replica would (row lock, commit) and returns its id.
 pub async fn insert_row(
     pg: &tokio_postgres::Client,
@@ -303,10 +294,4 @@ pub async fn turn(
     let (status, body) = post_message(addr, chat, token, text).await;
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
     wait_idle(pg, chat).await;
-}
-
-/// Reads `s` until the last of `ids` has arrived, or `WAIT` has passed; the events read.
-pub async fn until_last(s: &mut Sub, ids: &[i64]) -> Vec<Value> {
-    s.until(WAIT, |ev| message_ids(ev).last() == ids.last())
-        .await
 }

@@ -528,3 +528,20 @@ pub fn metric_in(text: &str, name_with_labels: &str) -> f64 {
         })
         .unwrap_or(0.0)
 }
+
+/// Reads `s` until the last of `ids` has arrived, or 20 s have passed; returns the events read.
+pub async fn until_last(s: &mut Sub, ids: &[i64]) -> Vec<Value> {
+    s.until(Duration::from_secs(20), |ev| {
+        message_ids(ev).last() == ids.last()
+    })
+    .await
+}
+
+/// A new subscriber from `after_id = 0` through `addr` receives exactly the chat's visible
+/// history as Postgres holds it, in order.
+pub async fn history_exact(addr: SocketAddr, pg: &tokio_postgres::Client, chat: &str, token: &str) {
+    let ids = db_ids(pg, chat).await;
+    let mut s = subscribe(addr, chat, 0, token).await;
+    let got = until_last(&mut s, &ids).await;
+    assert_eq!(message_ids(&got), ids, "history of {chat} through {addr}");
+}

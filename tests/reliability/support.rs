@@ -198,17 +198,3 @@ pub async fn fill_chats(pg: &tokio_postgres::Client, chats: &[String], n: i32) {
         .unwrap();
     }
 }
-
-/// A fresh subscriber through `addr` receives exactly Postgres's visible history.
-pub async fn history_exact(addr: SocketAddr, pg: &tokio_postgres::Client, chat: &str, token: &str) {
-    let ids = db_ids(pg, chat).await;
-    let mut s = subscribe(addr, chat, 0, token).await;
-    let got = until_last(&mut s, &ids).await;
-    assert_eq!(message_ids(&got), ids, "history of {chat} through {addr}");
-}
-
-/// Reads `s` until the last of `ids` has arrived, or `WAIT` has passed; the events read.
-pub async fn until_last(s: &mut Sub, ids: &[i64]) -> Vec<Value> {
-    s.until(WAIT, |ev| message_ids(ev).last() == ids.last())
-        .await
-}
