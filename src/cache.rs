@@ -289,14 +289,20 @@ impl Cache {
                 match cache.read_events(reason, chat.id, 0).await {
                     Ok(rows) => {
                         let limits = cache.ring_limits();
-                        let delta = {
+                        let read = rows.len();
+                        let (delta, replayed) = {
                             let mut state = chat.lock();
-                            let before = state.ring.bytes as i64;
+                            let (bytes, generation) = (state.ring.bytes as i64, state.generation);
                             let always = reason == ReadReason::Refresh;
                             state.finish_refresh(epoch, rows, limits, always);
-                            state.ring.bytes as i64 - before
+                            let replayed = state.generation != generation;
+                            (state.ring.bytes as i64 - bytes, replayed)
                         };
                         cache.account(delta);
+                        if replayed {
+                            tracing::info!(chat.id = %chat.id, reason = reason.label(),
+                                messages = read, "history rewritten; replayed to subscribers");
+                        }
                         return;
                     }
                     Err(FillError::Unsupported(e)) => {

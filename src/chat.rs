@@ -71,7 +71,7 @@ pub struct ChatState {
     /// Bumped when a reload starts, so a read begun before it is never merged.
     pub epoch: u64,
     /// Bumped when the history is rewritten and replayed to subscribers.
-    generation: u64,
+    pub(crate) generation: u64,
     pub ring: Ring,
     status: Option<Bytes>,
     parts: VecDeque<Bytes>,
@@ -402,8 +402,20 @@ impl ChatState {
             return false;
         }
         let top = rows.last().map_or(0, |r| r.0);
-        // Unchanged means nothing held was deleted: ids the reload adds are merged, not replayed.
-        let unchanged = !always_replay && {
+        let unchanged = if always_replay {
+            // An edit deletes the newest messages and adds a replacement, so a ring that holds
+            // exactly the read's ids already shows the edit: a reload (after a LISTEN
+            // reconnect) saw it first and replayed it. coderd replays an edit once.
+            let floor = self.ring.floor;
+            let held: Vec<i64> = self.ring.all().map(|e| e.id).collect();
+            !held.is_empty()
+                && held
+                    .iter()
+                    .copied()
+                    .eq(rows.iter().map(|r| r.0).filter(|id| *id > floor))
+        } else {
+            // Unchanged means nothing held was deleted: ids the reload adds are merged, not
+            // replayed.
             let new: std::collections::HashSet<i64> = rows.iter().map(|r| r.0).collect();
             self.ring
                 .all()

@@ -110,3 +110,74 @@ async fn listen_reconnect_sends_no_message_twice() {
         "each message exactly once, in order"
     );
 }
+
+/// An edit whose `full_refresh` notify arrives after a LISTEN reconnect: the reconnect's reload
+/// already finds the rewritten history and replays it; the refresh that follows must not replay
+/// it a second time (coderd replays an edit once; a client that has settled on the replayed
+/// history receives every message again). Found by the LISTEN-kill load run (84 duplicates in
+/// one of eight runs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edit_seen_by_a_reload_is_not_replayed_again_by_its_refresh() {
+    let db = Scratch::new().await;
+    let users = seed(&db, 1, 1);
+    let (token, chat) = (users[0].token.as_str(), users[0].chats[0].as_str());
+    let sim = start_sim(&db, "a", &["--part-delay-ms", "1", "--turn-parts", "2"]).await;
+    let side = start_sidecar(&db, sim.addr, "").await;
+    let admin = side.admin.unwrap();
+    let pg = db.client().await;
+    for t in 0..2 {
+        post_message(side.addr, chat, token, &format!("t{t}")).await;
+        wait_idle(&pg, chat).await;
+    }
+    let before = db_ids(&pg, chat).await;
+    let mut s = subscribe(side.addr, chat, 0, token).await;
+    let mut seen = until_last(&mut s, &before).await;
+
+    // The edit is committed (the newest user message and its reply deleted, a replacement
+    // added) but its notify is still on the way when LISTEN drops.
+    let chat_uuid: uuid::Uuid = chat.parse().unwrap();
+    let edited = before[before.len() - 2];
+    pg.execute(
+        "UPDATE chat_messages SET deleted = true WHERE chat_id = $1 AND id >= $2",
+        &[&chat_uuid, &edited],
+    )
+    .await
+    .unwrap();
+    pg.execute(
+        "INSERT INTO chat_messages (chat_id, role, content) VALUES ($1, 'user', \
+         '[{\"type\":\"text\",\"text\":\"edited\"}]'::jsonb)",
+        &[&chat_uuid],
+    )
+    .await
+    .unwrap();
+    assert_eq!(kill_listen(&pg).await, 1);
+    let after = db_ids(&pg, chat).await;
+    seen.extend(until_last(&mut s, &after).await);
+
+    // Now the edit's own notify arrives.
+    let deadline = Instant::now() + WAIT;
+    while metric(admin, "chatcache_listen_reconnects_total").await < 1.0 {
+        assert!(Instant::now() < deadline, "LISTEN never came back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let channel = format!("chat:stream:{chat}");
+    pg.execute(
+        "SELECT pg_notify($1, '{\"full_refresh\":true}')",
+        &[&channel],
+    )
+    .await
+    .unwrap();
+    while metric(admin, "chatcache_full_refreshes_total").await < 1.0 {
+        assert!(Instant::now() < deadline, "the refresh was never handled");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    seen.extend(s.events_for(Duration::from_millis(500)).await);
+
+    // The snapshot, then one replay of the edited history (the replacement may come alone
+    // first, as from coderd when a notify races the refresh): nothing more.
+    let ids = message_ids(&seen);
+    assert!(ids.starts_with(&before), "{ids:?}");
+    assert!(ids.ends_with(&after), "{ids:?}");
+    let starts = ids.iter().filter(|&&id| id == after[0]).count();
+    assert_eq!(starts, 2, "the snapshot and one replay per edit: {ids:?}");
+}
