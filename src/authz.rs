@@ -145,7 +145,27 @@ fn encode(s: &[u8]) -> String {
 /// coderd's answer when it is not a yes: relayed to the client as is.
 pub struct Denied(pub Response<Bytes>);
 
-#[derive(Debug, thiserror::Error)]
+/// coderd's refusal as received, so one answer can be handed to every waiter of a probe.
+#[derive(Clone)]
+struct Refusal {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+impl Refusal {
+    fn into_denied(self) -> Denied {
+        let mut denied = Response::new(self.body);
+        *denied.status_mut() = self.status;
+        *denied.headers_mut() = self.headers;
+        Denied(denied)
+    }
+}
+
+/// One probe's answer, shared by every request that waited for it.
+type ProbeOutcome = Result<Result<(), Refusal>, AuthzError>;
+
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum AuthzError {
     #[error("coderd did not answer the authorization probe: {0}")]
     Upstream(String),
@@ -157,6 +177,9 @@ pub struct Authz {
     client: UpstreamClient,
     upstream: String,
     approved: DashMap<[u8; 32], Instant>,
+    /// Probes under way, by the same key as `approved`: requests with the same credentials for
+    /// the same chat that arrive meanwhile (a reconnect storm) wait for that one answer.
+    in_flight: DashMap<[u8; 32], Arc<tokio::sync::OnceCell<ProbeOutcome>>>,
     metrics: Metrics,
     ttl: std::sync::RwLock<Duration>,
     timeout: Duration,
@@ -172,6 +195,7 @@ impl Authz {
             client,
             upstream,
             approved: DashMap::new(),
+            in_flight: DashMap::new(),
             metrics,
             ttl: std::sync::RwLock::new(ttl),
             timeout,
@@ -201,6 +225,33 @@ impl Authz {
             self.metrics.authz.with_label_values(&["cached"]).inc();
             return Ok(Ok(()));
         }
+        let probe = self
+            .in_flight
+            .entry(key)
+            .or_insert_with(|| Arc::new(tokio::sync::OnceCell::new()))
+            .clone();
+        let mut asked = false;
+        let outcome = probe
+            .get_or_init(|| {
+                asked = true;
+                self.probe(chat, creds, key)
+            })
+            .await
+            .clone();
+        self.in_flight
+            .remove_if(&key, |_, current| Arc::ptr_eq(current, &probe));
+        if !asked {
+            self.metrics.authz.with_label_values(&["shared"]).inc();
+        }
+        match outcome {
+            Ok(Ok(())) => Ok(Ok(())),
+            Ok(Err(refusal)) => Ok(Err(refusal.into_denied())),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Asks coderd once and remembers a yes.
+    async fn probe(&self, chat: Uuid, creds: &Credentials, key: [u8; 32]) -> ProbeOutcome {
         let uri = format!(
             "{}/api/experimental/chats/{chat}{}",
             self.upstream,
@@ -238,13 +289,16 @@ impl Authz {
             return Ok(Ok(()));
         }
         self.metrics.authz.with_label_values(&["denied"]).inc();
-        let mut denied = Response::new(body);
-        *denied.status_mut() = parts.status;
-        *denied.headers_mut() = parts.headers;
-        if denied.status() == StatusCode::SWITCHING_PROTOCOLS {
-            *denied.status_mut() = StatusCode::BAD_GATEWAY;
-        }
-        Ok(Err(Denied(denied)))
+        let status = if parts.status == StatusCode::SWITCHING_PROTOCOLS {
+            StatusCode::BAD_GATEWAY
+        } else {
+            parts.status
+        };
+        Ok(Err(Refusal {
+            status,
+            headers: parts.headers,
+            body,
+        }))
     }
 }
 

@@ -89,6 +89,10 @@ pub struct ChatState {
     replay_base: std::sync::Arc<Vec<Bytes>>,
     replay_seq: u64,
     replay_top: i64,
+    /// A LISTEN-reconnect reload found held messages deleted and replayed: an edit whose own
+    /// `full_refresh` may still arrive. That refresh, reading the same history, must not replay
+    /// it again.
+    reload_replayed: bool,
     /// A task is waiting for the oldest pending id to come due.
     pub hole_check_running: bool,
 }
@@ -120,6 +124,7 @@ impl Chat {
             replay_base: Default::default(),
             replay_seq: 0,
             replay_top: 0,
+            reload_replayed: false,
             hole_check_running: false,
         };
         Self {
@@ -403,24 +408,29 @@ impl ChatState {
         }
         let top = rows.last().map_or(0, |r| r.0);
         let unchanged = if always_replay {
-            // An edit deletes the newest messages and adds a replacement, so a ring that holds
-            // exactly the read's ids already shows the edit: a reload (after a LISTEN
-            // reconnect) saw it first and replayed it. coderd replays an edit once.
+            // coderd replays on every `full_refresh`, except here: a reload already replayed
+            // this very history (the edit's notify came after a LISTEN reconnect), and coderd
+            // replays an edit once.
             let floor = self.ring.floor;
-            let held: Vec<i64> = self.ring.all().map(|e| e.id).collect();
-            !held.is_empty()
-                && held
-                    .iter()
-                    .copied()
-                    .eq(rows.iter().map(|r| r.0).filter(|id| *id > floor))
+            let seen_by_reload = std::mem::take(&mut self.reload_replayed);
+            seen_by_reload
+                && !rows.is_empty()
+                && self
+                    .ring
+                    .all()
+                    .map(|e| (e.id, &e.event))
+                    .eq(rows.iter().filter(|r| r.0 > floor).map(|r| (r.0, &r.1)))
         } else {
             // Unchanged means nothing held was deleted: ids the reload adds are merged, not
             // replayed.
             let new: std::collections::HashSet<i64> = rows.iter().map(|r| r.0).collect();
-            self.ring
+            let kept = self
+                .ring
                 .all()
                 .filter(|e| e.id <= top)
-                .all(|e| new.contains(&e.id))
+                .all(|e| new.contains(&e.id));
+            self.reload_replayed |= !kept;
+            kept
         };
         if unchanged {
             self.ring.hold = false;

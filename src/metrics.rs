@@ -112,7 +112,10 @@ impl Metrics {
                 &metrics.db_reads,
                 &["repair", "refresh", "below_floor", "reload"],
             ),
-            (&metrics.authz, &["allowed", "denied", "cached", "error"]),
+            (
+                &metrics.authz,
+                &["allowed", "denied", "cached", "shared", "error"],
+            ),
             (&metrics.fail_opens, &crate::stream::FAIL_OPEN_REASONS),
         ];
         for (vec, labels) in known {

@@ -47,6 +47,8 @@ struct StormFigures {
     sim_reads: f64,
     peak_pg_connections: i64,
     vm_hwm_kb: u64,
+    /// Authorization probes chatcache sent coderd over the whole test.
+    authz_probes: f64,
 }
 
 /// `per_chat` subscribers on each of `chats` chats connect, then all of them drop and
@@ -144,18 +146,29 @@ async fn reconnect_storm(chat_count: usize, per_chat: usize, messages: i32) -> S
         sim_reads: sim_reads(sim.addr).await - sim_before,
         peak_pg_connections: peak.load(std::sync::atomic::Ordering::Relaxed),
         vm_hwm_kb: vm_hwm_kb(side.child.id()),
+        authz_probes: metric(admin, "chatcache_authz_total{result=\"allowed\"}").await
+            + metric(admin, "chatcache_authz_total{result=\"denied\"}").await
+            + metric(admin, "chatcache_authz_total{result=\"error\"}").await,
     };
     eprintln!(
         "storm: {} subscribers over {chat_count} chats in {total:?} ({retries} connects \
          retried); catch-up p50 {:?} p99 {:?}; db reads chatcache {} sim {}; peak pg \
-         connections {}; chatcache VmHWM {} kB",
+         connections {}; chatcache VmHWM {} kB; authz probes {}",
         figures.subscribers,
         figures.catch_up_p50,
         figures.catch_up_p99,
         figures.chatcache_reads,
         figures.sim_reads,
         figures.peak_pg_connections,
-        figures.vm_hwm_kb
+        figures.vm_hwm_kb,
+        figures.authz_probes
+    );
+    // Subscribers of one chat with one token share a probe: one per chat while warming and at
+    // most one more in the storm (once `authz.ttl_ms` has passed), not one per subscriber.
+    assert!(
+        figures.authz_probes <= (2 * chat_count) as f64,
+        "{} probes for {chat_count} chats",
+        figures.authz_probes
     );
     assert_eq!(
         metric(admin, "chatcache_subscribers").await as usize,
