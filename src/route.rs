@@ -96,6 +96,40 @@ fn parse_go_int(raw: &str) -> Result<i64, String> {
 }
 
 /// Go's `strconv.Quote` of bytes that are not valid UTF-8: valid runs as text, the rest `\xNN`.
+/// coderd accepts a stream WebSocket only from its own origin (`websocket.Accept` without
+/// options): when the handshake carries an `Origin` whose host differs from `Host` (ASCII case
+/// folded), the reason coderd refuses it with 403. `None` when there is no `Origin` (CLIs) or
+/// it matches.
+pub fn foreign_origin(origin: Option<&[u8]>, host: Option<&[u8]>) -> Option<String> {
+    let origin = String::from_utf8_lossy(origin?);
+    let host = String::from_utf8_lossy(host.unwrap_or_default());
+    let authority = match origin.find("://") {
+        Some(at) => {
+            let rest = &origin[at + 3..];
+            let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+            let authority = &rest[..end];
+            authority
+                .rfind('@')
+                .map_or(authority, |at| &authority[at + 1..])
+        }
+        None => "",
+    };
+    if authority.is_empty() {
+        return Some(format!(
+            "request Origin {} is not a valid URL with a host",
+            go_quote(&origin)
+        ));
+    }
+    if authority.eq_ignore_ascii_case(&host) {
+        return None;
+    }
+    Some(format!(
+        "request Origin {} is not authorized for Host {}",
+        go_quote(authority),
+        go_quote(&host)
+    ))
+}
+
 fn go_quote_bytes(raw: &[u8]) -> String {
     let mut inner = String::new();
     for chunk in raw.utf8_chunks() {

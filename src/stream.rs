@@ -28,7 +28,7 @@ use crate::chat::{Chat, Phase, Signal, Subscription};
 use crate::config::Framing;
 use crate::db::ReadReason;
 use crate::proxy::{self, Body};
-use crate::route::parse_after_id;
+use crate::route::{foreign_origin, parse_after_id};
 use crate::wire::{self, MAX_EVENTS_PER_FRAME};
 use crate::App;
 
@@ -80,6 +80,17 @@ pub async fn handle(
             );
         }
     };
+    let headers = req.headers();
+    let origin = headers.get(header::ORIGIN).map(|v| v.as_bytes());
+    if let Some(reason) = foreign_origin(origin, headers.get(header::HOST).map(|v| v.as_bytes())) {
+        tracing::debug!(chat.id = %chat_id, "cross-origin stream refused as coderd does");
+        return Response::builder()
+            .status(StatusCode::FORBIDDEN)
+            .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+            .header(header::X_CONTENT_TYPE_OPTIONS, "nosniff")
+            .body(proxy::full(Bytes::from(format!("{reason}\n"))))
+            .expect("static response");
+    }
     if !app.listener.is_up() {
         return fail_open(&app, req, peer, chat_id, "listen_down").await;
     }

@@ -89,6 +89,10 @@ async fn after_id_shapes_get_coderds_answer() {
     }
     let ids = db_ids(&pg, chat).await;
     let (mid, head) = (ids[ids.len() / 2], *ids.last().unwrap());
+    // coderd sends a short turn's `running` and `waiting` notifies in one 50 ms batch after
+    // the commit: a feed opened before that batch goes out receives them after its snapshot
+    // and shows `running` for a moment. Let the batch go out first.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     let _warm = subscribe(side.addr, chat, 0, token).await;
 
     let queries = vec![

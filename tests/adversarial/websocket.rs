@@ -275,3 +275,59 @@ async fn subscriber_gauge_returns_to_zero_when_the_upgrade_fails() {
     }
     wait_metric(admin, "chatcache_subscribers", 0.0).await;
 }
+
+/// A browser page of another origin must not open a stream with the user's cookie
+/// (cross-site WebSocket hijacking): coderd's `websocket.Accept` refuses an `Origin` whose
+/// host is not the request's `Host` with 403, and so must chatcache, which upgrades itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cross_origin_streams_are_refused_like_coderd() {
+    let db = Scratch::new().await;
+    let users = seed(&db, 1, 1);
+    let (token, chat) = (users[0].token.as_str(), users[0].chats[0].as_str());
+    let sim = start_sim(&db, "a", &["--part-delay-ms", "1", "--turn-parts", "2"]).await;
+    let side = start_sidecar(&db, sim.addr, "").await;
+    let pg = db.client().await;
+    turn(sim.addr, &pg, chat, token, "hello").await;
+    let path = stream_path(chat, "");
+    let cookie = format!("coder_session_token={token}");
+
+    // (origin, whether coderd lets it in); the handshake's Host is 127.0.0.1.
+    let cases = [
+        ("https://attacker.example", false),
+        ("null", false),
+        ("http://127.0.0.1:8080", false),
+        ("http://127.0.0.1.attacker.example", false),
+        ("127.0.0.1", false),
+        ("http://127.0.0.1", true),
+        ("HTTPS://127.0.0.1/some/page", true),
+        ("http://user@127.0.0.1", true),
+    ];
+    for (origin, allowed) in cases {
+        let raw = handshake(&path, &[("Cookie", &cookie), ("Origin", origin)]);
+        let direct = exchange(sim.addr, &raw).await;
+        let proxied = exchange(side.addr, &raw).await;
+        let want = if allowed { 101 } else { 403 };
+        assert_eq!(direct.status, want, "coderd-sim, Origin {origin}");
+        assert_eq!(proxied.status, want, "chatcache, Origin {origin}");
+        if !allowed {
+            assert_eq!(proxied.body, direct.body, "Origin {origin}");
+            assert_eq!(
+                proxied.header("content-type"),
+                direct.header("content-type")
+            );
+            assert!(proxied.ws.is_none());
+        }
+    }
+    let refused = exchange(
+        side.addr,
+        &handshake(
+            &path,
+            &[("Cookie", &cookie), ("Origin", "https://attacker.example")],
+        ),
+    )
+    .await;
+    assert_eq!(
+        String::from_utf8_lossy(&refused.body),
+        "request Origin \"attacker.example\" is not authorized for Host \"127.0.0.1\"\n"
+    );
+}

@@ -122,6 +122,52 @@ async fn mark_read(replica: &Replica, chat_id: Uuid) {
     }
 }
 
+/// `websocket.Accept` with no options allows only a same-origin browser: a request with an
+/// `Origin` header whose host is not the request's `Host` (ASCII case folded) gets 403 with a
+/// plain-text reason, as the library's `http.Error` writes it. Clients that send no `Origin`
+/// (CLIs, the relay, chatload) are not affected.
+fn same_origin(headers: &http::HeaderMap) -> Result<(), HttpResponse> {
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return Ok(());
+    };
+    let origin = String::from_utf8_lossy(origin.as_bytes()).into_owned();
+    let host = headers
+        .get(header::HOST)
+        .map(|h| String::from_utf8_lossy(h.as_bytes()).into_owned())
+        .unwrap_or_default();
+    // The authority of `scheme://authority/...`, without user info; none for `null` and the like.
+    let origin_host = origin
+        .split_once("://")
+        .map(|(_, rest)| rest.split(['/', '?', '#']).next().unwrap_or(""))
+        .map(|authority| authority.rsplit('@').next().unwrap_or(""))
+        .unwrap_or("");
+    if !origin_host.is_empty() && origin_host.eq_ignore_ascii_case(&host) {
+        return Ok(());
+    }
+    let reason = if origin_host.is_empty() {
+        format!(
+            "request Origin {} is not a valid URL with a host",
+            gojson::quote(&origin)
+        )
+    } else {
+        format!(
+            "request Origin {} is not authorized for Host {}",
+            gojson::quote(origin_host),
+            gojson::quote(&host)
+        )
+    };
+    let mut refusal = response::text(
+        StatusCode::FORBIDDEN,
+        "text/plain; charset=utf-8",
+        format!("{reason}\n"),
+    );
+    refusal.headers_mut().insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        http::HeaderValue::from_static("nosniff"),
+    );
+    Err(refusal)
+}
+
 /// Validates a WebSocket upgrade request and builds the 101 response.
 pub(super) fn accept(
     req: &mut Request<Incoming>,
@@ -148,6 +194,7 @@ pub(super) fn accept(
         let detail = "not a WebSocket upgrade request";
         return Err(response::internal("Failed to open chat stream.", detail));
     };
+    same_origin(headers)?;
     let accepted = Response::builder()
         .status(StatusCode::SWITCHING_PROTOCOLS)
         .header(header::CONNECTION, "Upgrade")
