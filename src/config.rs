@@ -278,8 +278,19 @@ impl Config {
             return Err(invalid("upstream_url", "must be an http://host:port URL"));
         }
         match self.database_url.parse::<tokio_postgres::Config>() {
-            Ok(db) if !db.get_hosts().is_empty() => {}
-            _ => return Err(invalid("database_url", "not a Postgres URL with a host")),
+            Ok(db) if db.get_hosts().is_empty() => {
+                return Err(invalid("database_url", "not a Postgres URL with a host"));
+            }
+            Ok(db) => {
+                use tokio_postgres::config::SslMode;
+                if !matches!(db.get_ssl_mode(), SslMode::Disable | SslMode::Prefer) {
+                    return Err(invalid(
+                        "database_url",
+                        "TLS to Postgres is not supported: sslmode must be disable or prefer",
+                    ));
+                }
+            }
+            Err(_) => return Err(invalid("database_url", "not a Postgres URL with a host")),
         }
         if !valid_log_filter(&self.log_level) {
             return Err(invalid(

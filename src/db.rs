@@ -17,12 +17,28 @@ pub type Pool = bb8::Pool<PostgresConnectionManager<NoTls>>;
 /// Why a database read failed; Postgres's fault or the network's, never the client's.
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
-    #[error("invalid database URL: {0}")]
+    #[error("invalid database URL: {}", error_chain(.0))]
     Url(#[source] tokio_postgres::Error),
     #[error("no Postgres connection available: {0}")]
     Pool(String),
-    #[error("Postgres query failed: {0}")]
+    #[error("Postgres query failed: {}", error_chain(.0))]
     Query(#[from] tokio_postgres::Error),
+}
+
+/// An error with its causes, `outer: inner: root`: tokio-postgres says only "db error" at the
+/// top and keeps the server's message (e.g. `database "coder" does not exist`) in the source.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.ends_with(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 /// Why a read was made; the label of `chatcache_db_reads_total`.
@@ -84,7 +100,7 @@ pub async fn messages_after(
     after_id: i64,
 ) -> Result<Vec<MessageRow>, DbError> {
     metrics.db_reads.with_label_values(&[reason.label()]).inc();
-    let conn = pool.get().await.map_err(|e| DbError::Pool(e.to_string()))?;
+    let conn = pool.get().await.map_err(|e| DbError::Pool(error_chain(&e)))?;
     let rows = conn.query(MESSAGES_AFTER, &[&chat, &after_id]).await?;
     rows.iter().map(row_to_message).collect()
 }
@@ -109,7 +125,7 @@ fn row_to_message(row: &tokio_postgres::Row) -> Result<MessageRow, DbError> {
 
 /// A cheap liveness probe for `/ready`.
 pub async fn ping(pool: &Pool) -> Result<(), DbError> {
-    let conn = pool.get().await.map_err(|e| DbError::Pool(e.to_string()))?;
+    let conn = pool.get().await.map_err(|e| DbError::Pool(error_chain(&e)))?;
     conn.simple_query("SELECT 1").await?;
     Ok(())
 }

@@ -25,6 +25,8 @@ use crate::wire::{self, EventHead, FrameContent, MAX_EVENTS_PER_FRAME};
 
 /// How long after a full snapshot frame the snapshot counts as complete if nothing follows.
 const SNAPSHOT_QUIET: Duration = Duration::from_millis(100);
+/// The shortest linger, whatever `feed.linger_ms` says (see the idle check in `follow`).
+const MIN_LINGER: Duration = Duration::from_secs(1);
 
 /// What the feed needs from the rest of the sidecar.
 pub struct FeedContext {
@@ -220,7 +222,10 @@ async fn follow(
             }
             _ = closed.changed() => return Stop::Done,
             _ = tick.tick() => {
+                // A new chat counts as idle until its first subscriber, which waits for the
+                // snapshot, is attached: never give up on a feed sooner than a second.
                 let linger = *ctx.linger.read().unwrap_or_else(|e| e.into_inner());
+                let linger = linger.max(MIN_LINGER);
                 let idle = chat.lock().idle_since.is_some_and(|t| t.elapsed() >= linger);
                 if idle || chat.is_closed() {
                     let _ = ws.close(None).await;

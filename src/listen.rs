@@ -122,7 +122,7 @@ async fn run(
         let (client, mut connection) = match config.connect(NoTls).await {
             Ok(pair) => pair,
             Err(e) => {
-                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "LISTEN connection failed");
+                tracing::warn!(error = %crate::db::error_chain(&e), retry_in_ms = backoff.as_millis() as u64, "LISTEN connection failed");
                 fail_commands(&mut commands, &mut channels);
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(MAX_BACKOFF);
@@ -139,7 +139,7 @@ async fn run(
                     }
                     Ok(_) => {}
                     Err(e) => {
-                        tracing::warn!(error = %e, "LISTEN connection lost");
+                        tracing::warn!(error = %crate::db::error_chain(&e), "LISTEN connection lost");
                         break;
                     }
                 }
@@ -154,7 +154,7 @@ async fn run(
                 .batch_execute(&format!("LISTEN {}", quoted_channel(chat)))
                 .await
             {
-                tracing::warn!(error = %e, "re-LISTEN failed");
+                tracing::warn!(error = %crate::db::error_chain(&e), "re-LISTEN failed");
                 ok = false;
                 break;
             }

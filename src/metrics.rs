@@ -110,7 +110,7 @@ impl Metrics {
             (&metrics.catchups, &["hit", "below_floor", "fail_open"]),
             (
                 &metrics.db_reads,
-                &["repair", "refresh", "below_floor", "reload"],
+                &["repair", "proof", "refresh", "below_floor", "reload"],
             ),
             (
                 &metrics.authz,

@@ -44,6 +44,10 @@ fn config_errors_name_the_field_and_secrets_are_redacted() {
             "database_url_file",
         ),
         ("[stream]\nping_interval_ms = 0", "stream.ping_interval_ms"),
+        (
+            "database_url = \"postgres://u@db/coder?sslmode=require\"",
+            "TLS to Postgres is not supported",
+        ),
     ];
     for (text, field) in bad {
         let (ok, _, err) = check_config(text, &[]);
@@ -356,5 +360,32 @@ async fn json_logs_parse_and_never_contain_credentials() {
     assert!(
         text.contains(&format!("\"chat.id\":\"{chat}\"")),
         "chat logs carry chat.id"
+    );
+}
+
+/// `feed.linger_ms = 0` (no warm cache after the last subscriber leaves) still serves streams
+/// from the cache: a new chat is not given up before its first subscriber is attached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zero_linger_still_serves_from_the_cache() {
+    let db = Scratch::new().await;
+    let users = seed(&db, 1, 1);
+    let (token, chat) = (users[0].token.as_str(), users[0].chats[0].as_str());
+    let sim = start_sim(&db, "a", &["--part-delay-ms", "1", "--turn-parts", "2"]).await;
+    let side = start_sidecar(&db, sim.addr, "[feed]\nlinger_ms = 0\n").await;
+    let admin = side.admin.unwrap();
+    let pg = db.client().await;
+    let (status, _) = post_message(sim.addr, chat, token, "hello").await;
+    assert_eq!(status, 200);
+    wait_idle(&pg, chat).await;
+    let ids = db_ids(&pg, chat).await;
+    let mut s = subscribe(side.addr, chat, 0, token).await;
+    assert_eq!(message_ids(&until_last(&mut s, &ids).await), ids);
+    assert_eq!(
+        metric(admin, "chatcache_catchup_total{result=\"hit\"}").await,
+        1.0
+    );
+    assert_eq!(
+        metric(admin, "chatcache_fail_open_total{reason=\"feed\"}").await,
+        0.0
     );
 }
