@@ -4,12 +4,14 @@
 # check. Everything runs on loopback and stops when the script ends.
 #
 # Knobs (environment): CHATS_USERS (4), CHATS_PER_USER (5), TURNS (5), SUBSCRIBERS (3),
-# PGURL (postgres://postgres@127.0.0.1:5432), KEEP=1 keeps the demo database.
+# PGURL (postgres://postgres@127.0.0.1:5432), DEMO_DB (chatcache_demo; dropped and recreated),
+# KEEP=1 keeps the demo database. Binaries come from $CARGO_TARGET_DIR (default target/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PGURL=${PGURL:-postgres://postgres@127.0.0.1:5432}
-DB=chatcache_demo
+DB=${DEMO_DB:-chatcache_demo}
+[[ $DB =~ ^[a-z_][a-z0-9_]*$ ]] || { echo "demo: DEMO_DB must be a plain lower-case name" >&2; exit 2; }
 LOGS=$(mktemp -d /tmp/chatcache-demo.XXXXXX)
 PIDS=()
 cleanup() {
@@ -37,7 +39,7 @@ done
 
 echo "demo: building (release; the first build takes a few minutes)"
 cargo build --release -p chatcache -p coderd-sim --bins -q
-BIN=target/release
+BIN=${CARGO_TARGET_DIR:-target}/release
 
 psql -q "$PGURL/postgres" -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" >/dev/null 2>&1
 psql -q "$PGURL/postgres" -c "CREATE DATABASE $DB" >/dev/null

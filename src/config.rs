@@ -277,6 +277,15 @@ impl Config {
         if url.scheme_str() != Some("http") || url.authority().is_none() {
             return Err(invalid("upstream_url", "must be an http://host:port URL"));
         }
+        let plain = !url.authority().is_some_and(|a| a.as_str().contains('@'))
+            && matches!(url.path(), "" | "/")
+            && url.query().is_none();
+        if !plain {
+            return Err(invalid(
+                "upstream_url",
+                "must be http://host:port, without user info, path or query",
+            ));
+        }
         match self.database_url.parse::<tokio_postgres::Config>() {
             Ok(db) if db.get_hosts().is_empty() => {
                 return Err(invalid("database_url", "not a Postgres URL with a host"));
@@ -388,16 +397,18 @@ fn valid_log_filter(filter: &str) -> bool {
 /// parameter) or a `password=` key.
 pub fn redact_url(url: &str) -> String {
     if let Some((scheme, rest)) = url.split_once("://") {
-        let (rest, query) = match rest.split_once('?') {
-            Some((r, q)) => (r, Some(q)),
-            None => (rest, None),
-        };
-        let rest = match rest.split_once('@') {
-            Some((userinfo, host)) if userinfo.contains(':') => {
-                let user = userinfo.split(':').next().unwrap_or("");
-                format!("{user}:REDACTED@{host}")
+        // The password may hold `?`, `/` or `@` unencoded: user info is whatever precedes the
+        // last `@`, which hides too much rather than too little.
+        let rest = match rest.rfind('@') {
+            Some(at) if rest[..at].contains(':') => {
+                let user = rest[..at].split(':').next().unwrap_or("");
+                format!("{user}:REDACTED@{}", &rest[at + 1..])
             }
             _ => rest.to_string(),
+        };
+        let (rest, query) = match rest.split_once('?') {
+            Some((r, q)) => (r.to_string(), Some(q)),
+            None => (rest.clone(), None),
         };
         let query = query.map(|q| {
             let pairs: Vec<&str> = q
@@ -414,16 +425,24 @@ pub fn redact_url(url: &str) -> String {
         });
         return format!("{scheme}://{rest}{}", query.unwrap_or_default());
     }
-    url.split_whitespace()
-        .map(|kv| {
-            if kv.starts_with("password=") {
-                "password=REDACTED"
-            } else {
-                kv
-            }
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
+    // key=value form: a value may be quoted ('a b', with \' inside).
+    let Some(start) = url.find("password=") else {
+        return url.to_string();
+    };
+    let value = &url[start + "password=".len()..];
+    let end = if let Some(quoted) = value.strip_prefix('\'') {
+        let mut escaped = false;
+        let close = quoted.char_indices().find(|&(_, c)| {
+            let closes = c == '\'' && !escaped;
+            escaped = c == '\\' && !escaped;
+            closes
+        });
+        close.map_or(value.len(), |(i, _)| i + 2)
+    } else {
+        value.find(char::is_whitespace).unwrap_or(value.len())
+    };
+    let after = redact_url(&value[end..]);
+    format!("{}password=REDACTED{after}", &url[..start])
 }
 
 #[cfg(test)]
@@ -494,6 +513,30 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("CHATCACHE_ADMIN_ADDR"));
+    }
+
+    #[test]
+    fn awkward_passwords_are_redacted() {
+        for (url, secret) in [
+            ("postgres://u:p?ss@127.0.0.1/coder", "ss@"),
+            ("postgres://u:p@ss@host/db", "ss@"),
+            ("postgres://u:p/ss@host/db", "p/ss"),
+            ("host=h password='a b' user=u", "b'"),
+            ("host=h password='it\\'s secret' dbname=x", "secret"),
+            ("password=x host=h password=y", "=y"),
+        ] {
+            let shown = redact_url(url);
+            assert!(!shown.contains(secret), "{url} shown as {shown}");
+            assert!(shown.contains("REDACTED"), "{shown}");
+        }
+        assert_eq!(
+            redact_url("host=h password='a b' user=u"),
+            "host=h password=REDACTED user=u"
+        );
+        assert_eq!(
+            redact_url("postgres://u:p?ss@127.0.0.1/coder?sslmode=disable"),
+            "postgres://u:REDACTED@127.0.0.1/coder?sslmode=disable"
+        );
     }
 
     #[test]

@@ -100,7 +100,10 @@ pub async fn messages_after(
     after_id: i64,
 ) -> Result<Vec<MessageRow>, DbError> {
     metrics.db_reads.with_label_values(&[reason.label()]).inc();
-    let conn = pool.get().await.map_err(|e| DbError::Pool(error_chain(&e)))?;
+    let conn = pool
+        .get()
+        .await
+        .map_err(|e| DbError::Pool(error_chain(&e)))?;
     let rows = conn.query(MESSAGES_AFTER, &[&chat, &after_id]).await?;
     rows.iter().map(row_to_message).collect()
 }
@@ -125,7 +128,10 @@ fn row_to_message(row: &tokio_postgres::Row) -> Result<MessageRow, DbError> {
 
 /// A cheap liveness probe for `/ready`.
 pub async fn ping(pool: &Pool) -> Result<(), DbError> {
-    let conn = pool.get().await.map_err(|e| DbError::Pool(error_chain(&e)))?;
+    let conn = pool
+        .get()
+        .await
+        .map_err(|e| DbError::Pool(error_chain(&e)))?;
     conn.simple_query("SELECT 1").await?;
     Ok(())
 }

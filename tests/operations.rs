@@ -38,6 +38,14 @@ fn config_errors_name_the_field_and_secrets_are_redacted() {
         ),
         ("framing = \"xml\"", "framing"),
         ("upstream_url = \"ftp://x\"", "upstream_url"),
+        (
+            "upstream_url = \"http://127.0.0.1:3000/prefix\"",
+            "without user info, path or query",
+        ),
+        (
+            "upstream_url = \"http://u:p@127.0.0.1:3000\"",
+            "upstream_url",
+        ),
         ("log_level = \"[[\"", "log_level"),
         (
             "database_url_file = \"/nonexistent/secret\"",
