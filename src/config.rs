@@ -204,6 +204,31 @@ impl Default for DbConfig {
     }
 }
 
+/// A bad URL that came from the environment is named by its variable too, so the operator does
+/// not look for it in a file that is fine.
+fn name_env_source(error: ConfigError) -> ConfigError {
+    let from_env = |name: &str| std::env::var_os(name).is_some();
+    match error {
+        ConfigError::Invalid { field, reason }
+            if field == "upstream_url" && from_env("CHATCACHE_UPSTREAM_URL") =>
+        {
+            ConfigError::Invalid {
+                field: "upstream_url (CHATCACHE_UPSTREAM_URL)",
+                reason,
+            }
+        }
+        ConfigError::Invalid { field, reason }
+            if field == "database_url" && from_env("CHATCACHE_DATABASE_URL") =>
+        {
+            ConfigError::Invalid {
+                field: "database_url (CHATCACHE_DATABASE_URL)",
+                reason,
+            }
+        }
+        other => other,
+    }
+}
+
 impl Config {
     /// Reads a file, applies the environment overrides and validates the result.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
@@ -214,7 +239,7 @@ impl Config {
         let mut config = Self::parse(&text, path)?;
         config.apply_env(|name| std::env::var(name).ok())?;
         config.resolve_secret_file()?;
-        config.validate()?;
+        config.validate().map_err(name_env_source)?;
         Ok(config)
     }
 
@@ -222,7 +247,7 @@ impl Config {
     pub fn from_env() -> Result<Self, ConfigError> {
         let mut config = Self::default();
         config.apply_env(|name| std::env::var(name).ok())?;
-        config.validate()?;
+        config.validate().map_err(name_env_source)?;
         Ok(config)
     }
 

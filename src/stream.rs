@@ -19,6 +19,7 @@ use hyper_util::rt::TokioIo;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role};
+use tokio_tungstenite::tungstenite::Error as WsError;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 use uuid::Uuid;
@@ -302,6 +303,9 @@ async fn serve(
                 }
                 msg = ws.next() => match msg {
                     Some(Ok(Message::Text(_) | Message::Binary(_))) => break 'live End::ClientData,
+                    Some(Err(WsError::Protocol(_) | WsError::Capacity(_))) => {
+                        break 'live End::InvalidFromClient
+                    }
                     Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break 'live End::Gone,
                     Some(Ok(_)) => {}
                 },
@@ -327,6 +331,9 @@ enum End {
     /// A write did not finish in 10 s: coderd closes such a client with 1011.
     WriteTimeout,
     ClientData,
+    /// The client broke the WebSocket protocol (unmasked frame, reserved opcode, oversized
+    /// control frame, ...): coderd's read fails and it closes with 1011.
+    InvalidFromClient,
     Overflow,
     Dropped,
     Shutdown,
@@ -358,6 +365,10 @@ async fn finish(app: &App, chat: &Chat, ws: &mut Ws, end: End) {
             close(CloseCode::Normal, "Connection closed")
         }
         End::Shutdown => close(CloseCode::Away, "server shutting down"),
+        End::InvalidFromClient => close(
+            CloseCode::Error,
+            "Unable to process invalid message from client",
+        ),
         End::WriteTimeout => {
             app.metrics.overflow_closes.inc();
             tracing::warn!(chat.id = %chat.id, "subscriber stopped reading; closing");

@@ -64,6 +64,10 @@ fn config_errors_name_the_field_and_secrets_are_redacted() {
     }
     let (ok, _, err) = check_config("", &[("CHATCACHE_LISTEN_ADDR", "nope")]);
     assert!(!ok && err.contains("CHATCACHE_LISTEN_ADDR"), "{err}");
+    let (ok, _, err) = check_config("", &[("CHATCACHE_UPSTREAM_URL", "ftp://x")]);
+    assert!(!ok && err.contains("CHATCACHE_UPSTREAM_URL"), "{err}");
+    let (ok, _, err) = check_config("", &[("CHATCACHE_DATABASE_URL", "nope")]);
+    assert!(!ok && err.contains("CHATCACHE_DATABASE_URL"), "{err}");
 
     let (ok, out, _) = check_config(
         "database_url = \"postgres://u:hunter2@db/coder\"",

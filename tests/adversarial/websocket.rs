@@ -129,7 +129,7 @@ async fn websocket_abuse_is_answered_like_coderd() {
     for (what, bytes) in violations {
         let direct = ends(sim.addr, bytes.clone()).await;
         let proxied = ends(side.addr, bytes).await;
-        eprintln!("{what}: coderd-sim ends with {direct:?}, chatcache with {proxied:?}");
+        assert_eq!(proxied, direct, "{what}: sidecar (left) vs coderd (right)");
         assert_alive(&mut side, what).await;
         wait_metric_for(admin, "chatcache_subscribers", stale, what).await;
     }

@@ -120,6 +120,13 @@ pub struct User {
 }
 
 pub fn seed(db: &Scratch, users: usize, chats_per_user: usize) -> Vec<User> {
+    let (file, users) = seed_file(db, users, chats_per_user);
+    let _ = std::fs::remove_file(file);
+    users
+}
+
+/// Seeds users and chats (`coderd-sim seed`) and keeps the seed file, for chatload.
+pub fn seed_file(db: &Scratch, users: usize, chats_per_user: usize) -> (PathBuf, Vec<User>) {
     let out = std::env::temp_dir().join(format!("{}.seed.json", db.name));
     let (u, c) = (users.to_string(), chats_per_user.to_string());
     let out_s = out.to_str().unwrap();
@@ -135,8 +142,7 @@ pub fn seed(db: &Scratch, users: usize, chats_per_user: usize) -> Vec<User> {
         out_s,
     ]);
     let v: Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
-    let _ = std::fs::remove_file(&out);
-    v["users"]
+    let users = v["users"]
         .as_array()
         .unwrap()
         .iter()
@@ -150,7 +156,8 @@ pub fn seed(db: &Scratch, users: usize, chats_per_user: usize) -> Vec<User> {
                 .map(|c| c.as_str().unwrap().into())
                 .collect(),
         })
-        .collect()
+        .collect();
+    (out, users)
 }
 
 /// A child process killed when dropped.

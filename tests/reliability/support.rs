@@ -16,39 +16,6 @@ pub fn long_tests() -> bool {
     std::env::var("CHATCACHE_LONG_TESTS").is_ok_and(|v| v == "1")
 }
 
-/// Seeds users and chats and keeps the seed file for chatload.
-pub fn seed_file(db: &Scratch, users: usize, chats_per_user: usize) -> (PathBuf, Vec<User>) {
-    let out = std::env::temp_dir().join(format!("{}.reliability.seed.json", db.name));
-    run_sim(&[
-        "seed",
-        "--database-url",
-        &db.url,
-        "--users",
-        &users.to_string(),
-        "--chats-per-user",
-        &chats_per_user.to_string(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    let v: Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
-    let users = v["users"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|u| User {
-            id: u["id"].as_str().unwrap().into(),
-            token: u["token"].as_str().unwrap().into(),
-            chats: u["chats"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|c| c.as_str().unwrap().into())
-                .collect(),
-        })
-        .collect();
-    (out, users)
-}
-
 /// A chatload run in the background; killed if dropped before it ends.
 pub struct Load {
     child: Child,

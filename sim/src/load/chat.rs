@@ -22,6 +22,8 @@ const FINISH_POLL: Duration = Duration::from_millis(100);
 const FINISH_POLL_GAP: Duration = Duration::from_millis(5);
 /// How long stopped subscribers get to close their sockets.
 const STOP_GRACE: Duration = Duration::from_secs(3);
+/// How long subscribers get to match a history that changed after a turn's first read.
+const RECHECK_GRACE: Duration = Duration::from_secs(2);
 
 /// What every chat driver shares.
 pub struct RunContext {
@@ -226,8 +228,22 @@ impl ChatDriver {
                 return false;
             }
         };
-        let ids = ids_of(&visible);
-        let complete = self.wait_until(deadline, |s| s.ledger.matches(&ids)).await;
+        let mut visible = visible;
+        let mut ids = ids_of(&visible);
+        let mut complete = self.wait_until(deadline, |s| s.ledger.matches(&ids)).await;
+        if !complete {
+            // Something may have committed after the read (a turn whose send failed but whose
+            // message coderd had stored, then ran): judge by what Postgres shows now, so a
+            // message the subscribers rightly hold is not called foreign.
+            if let Ok(fresh) = self.ctx.history.visible(self.chat.chat_id).await {
+                if ids_of(&fresh) != ids {
+                    visible = fresh;
+                    ids = ids_of(&visible);
+                    let grace = Instant::now() + RECHECK_GRACE;
+                    complete = self.wait_until(grace, |s| s.ledger.matches(&ids)).await;
+                }
+            }
+        }
 
         for (n, state) in self.subscribers.iter().enumerate() {
             let found = lock(state).ledger.reconcile(&ids);
