@@ -3,6 +3,7 @@
 //! tunnelled as raw bytes. Hop-by-hop headers are handled per RFC 9110 §7.6.1 and
 //! `X-Forwarded-For` / `X-Forwarded-Proto` are added. No idle timeout cuts a long stream.
 
+use std::time::Duration;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -85,6 +86,9 @@ pub async fn serve(app: Arc<App>, listener: TcpListener) {
     }
 }
 
+/// How long a client may take to send a request head.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Serves one client connection; on shutdown it finishes the request in flight and closes.
 async fn serve_connection(app: Arc<App>, tcp: TcpStream, peer: SocketAddr) {
     let mut shutdown = app.shutdown.subscribe();
@@ -92,7 +96,11 @@ async fn serve_connection(app: Arc<App>, tcp: TcpStream, peer: SocketAddr) {
         let app = app.clone();
         async move { Ok::<_, Infallible>(route(app, req, peer).await) }
     });
+    // A client gets a minute to send a request head; one that trickles bytes forever would
+    // otherwise hold its connection (and a file descriptor) for good.
     let conn = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
         .serve_connection(TokioIo::new(tcp), service)
         .with_upgrades();
     tokio::pin!(conn);
