@@ -3,10 +3,10 @@
 //! tunnelled as raw bytes. Hop-by-hop headers are handled per RFC 9110 §7.6.1 and
 //! `X-Forwarded-For` / `X-Forwarded-Proto` are added. No idle timeout cuts a long stream.
 
-use std::time::Duration;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode};
