@@ -12,7 +12,7 @@ use bytes::Bytes;
 use dashmap::DashMap;
 use uuid::Uuid;
 
-use crate::chat::Chat;
+use crate::chat::{Chat, Refreshed};
 use crate::config::{CacheConfig, Framing};
 use crate::db::{self, Pool, ReadReason};
 use crate::metrics::Metrics;
@@ -290,16 +290,15 @@ impl Cache {
                     Ok(rows) => {
                         let limits = cache.ring_limits();
                         let read = rows.len();
-                        let (delta, replayed) = {
+                        let (delta, refreshed) = {
                             let mut state = chat.lock();
-                            let (bytes, generation) = (state.ring.bytes as i64, state.generation);
+                            let bytes = state.ring.bytes as i64;
                             let always = reason == ReadReason::Refresh;
-                            state.finish_refresh(epoch, rows, limits, always);
-                            let replayed = state.generation != generation;
-                            (state.ring.bytes as i64 - bytes, replayed)
+                            let refreshed = state.finish_refresh(epoch, rows, limits, always);
+                            (state.ring.bytes as i64 - bytes, refreshed)
                         };
                         cache.account(delta);
-                        if replayed {
+                        if refreshed == Refreshed::Replayed {
                             tracing::info!(chat.id = %chat.id, reason = reason.label(),
                                 messages = read, "history rewritten; replayed to subscribers");
                         }

@@ -56,6 +56,17 @@ pub struct Cursor {
     pub after_id: i64,
 }
 
+/// What a finished refresh or reload did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refreshed {
+    /// A newer refresh started meanwhile; the read was dropped.
+    Stale,
+    /// Nothing held was deleted: new ids were merged, nobody's cursor changed.
+    Merged,
+    /// The history was rewritten and every subscriber gets it again.
+    Replayed,
+}
+
 /// A subscriber fell behind the ring's trim and missed a message.
 #[derive(Debug)]
 pub struct Lagged;
@@ -71,7 +82,7 @@ pub struct ChatState {
     /// Bumped when a reload starts, so a read begun before it is never merged.
     pub epoch: u64,
     /// Bumped when the history is rewritten and replayed to subscribers.
-    pub(crate) generation: u64,
+    generation: u64,
     pub ring: Ring,
     status: Option<Bytes>,
     parts: VecDeque<Bytes>,
@@ -394,17 +405,17 @@ impl ChatState {
         self.epoch
     }
 
-    /// Replaces the history with a read from id 0 made for `epoch`. Returns false (and changes
-    /// nothing) when a newer refresh started meanwhile: a stale fill never enters the ring.
+    /// Replaces the history with a read from id 0 made for `epoch`, and says what became of
+    /// it. A read for an older epoch changes nothing: a stale fill never enters the ring.
     pub fn finish_refresh(
         &mut self,
         epoch: u64,
         rows: Vec<(i64, Bytes)>,
         limits: RingLimits,
         always_replay: bool,
-    ) -> bool {
+    ) -> Refreshed {
         if epoch != self.epoch {
-            return false;
+            return Refreshed::Stale;
         }
         let top = rows.last().map_or(0, |r| r.0);
         let unchanged = if always_replay {
@@ -443,7 +454,7 @@ impl ChatState {
             if fx.advanced {
                 self.wake(false);
             }
-            return true;
+            return Refreshed::Merged;
         }
         let carried: Vec<(i64, Bytes)> = self
             .ring
@@ -474,7 +485,7 @@ impl ChatState {
         self.release_refresh_staged(limits);
         self.generation += 1;
         self.wake(true);
-        true
+        Refreshed::Replayed
     }
 
     fn release_refresh_staged(&mut self, limits: RingLimits) {
