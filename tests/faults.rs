@@ -30,15 +30,6 @@ async fn insert_silently(pg: &tokio_postgres::Client, chat: &str, user: &str) ->
     row.get(0)
 }
 
-async fn notify(pg: &tokio_postgres::Client, chat: &str, payload: &str) {
-    pg.execute(
-        "SELECT pg_notify($1, $2)",
-        &[&format!("chat:stream:{chat}"), &payload],
-    )
-    .await
-    .unwrap();
-}
-
 /// The hazard of coderd's #23218 cache (protocol doc §10): replica B commits message X, replica
 /// A commits and publishes Y > X, and B's notify for X arrives last. A subscriber on A with the
 /// cache on never gets X. Through chatcache it does.
@@ -157,14 +148,7 @@ async fn listen_connection_loss_loses_nothing() {
     got.dedup();
     assert_eq!(got, ids);
     let admin = side.admin.unwrap();
-    let deadline = std::time::Instant::now() + WAIT;
-    while metric(admin, "chatcache_listen_reconnects_total").await < 3.0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "reconnects not counted"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    until_metric(admin, "chatcache_listen_reconnects_total", 3.0, WAIT).await;
     // A new subscriber after the reconnects is served from the cache, not failed open.
     let mut late = subscribe(side.addr, chat, 0, token).await;
     let got = late
@@ -213,14 +197,8 @@ async fn stalled_subscriber_is_closed_and_others_are_unaffected() {
     assert_eq!(parts, 30000, "the fast subscriber gets every part");
     wait_idle(&pg, chat).await;
     let admin = side.admin.unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while metric(admin, "chatcache_overflow_closes_total").await < 1.0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "stalled subscriber never closed"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let within = Duration::from_secs(20);
+    until_metric(admin, "chatcache_overflow_closes_total", 1.0, within).await;
     assert_eq!(metric(admin, "chatcache_subscribers").await, 1.0);
     drop(stalled);
 }

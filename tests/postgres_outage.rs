@@ -34,14 +34,6 @@ async fn until_ready(admin: SocketAddr, what: &str) -> Duration {
     started.elapsed()
 }
 
-async fn until_metric(admin: SocketAddr, name: &str, at_least: f64) {
-    let deadline = Instant::now() + WAIT;
-    while metric(admin, name).await < at_least {
-        assert!(Instant::now() < deadline, "{name} never reached {at_least}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// Stops or starts the server from inside a test without stalling the runtime.
 fn blocking<T>(f: impl FnOnce() -> T) -> T {
     tokio::task::block_in_place(f)
@@ -99,7 +91,7 @@ async fn ready_and_live_follow_a_real_postgres_stop_and_start() {
     // ... and after it is back, LISTEN reconnects on both.
     blocking(|| pg.start());
     for a in [admin, first_admin] {
-        until_metric(a, "chatcache_listen_reconnects_total", 1.0).await;
+        until_metric(a, "chatcache_listen_reconnects_total", 1.0, WAIT).await;
         assert_eq!(get(a, "/ready").await.0, 200);
     }
 }
@@ -319,7 +311,7 @@ async fn passthrough_keeps_working_under_load_while_postgres_is_down() {
     // its database coderd holds both handshakes (its pool waits for a connection).
     let via = tokio::spawn(open_stream(side.addr, chat.clone(), token.clone(), last));
     let direct = tokio::spawn(open_stream(sim.addr, chat.clone(), token.clone(), last));
-    until_metric(admin, fail_opens, 1.0).await;
+    until_metric(admin, fail_opens, 1.0, WAIT).await;
     assert_eq!(
         metric(admin, "chatcache_catchup_total{result=\"fail_open\"}").await,
         1.0
@@ -378,7 +370,7 @@ async fn passthrough_keeps_working_under_load_while_postgres_is_down() {
     assert_eq!(metric(admin, fail_opens).await, 1.0);
 
     // LISTEN comes back and the cache serves again: a new turn, then a catch-up from memory.
-    until_metric(admin, "chatcache_listen_reconnects_total", 1.0).await;
+    until_metric(admin, "chatcache_listen_reconnects_total", 1.0, WAIT).await;
     let client = db.client().await;
     let (status, _) = post_message(side.addr, &chat, &token, "after the outage").await;
     assert_eq!(status, 200);
@@ -426,7 +418,7 @@ async fn streams_survive_a_postgres_restart() {
     drop(client);
 
     blocking(|| pg.restart());
-    until_metric(admin, "chatcache_listen_reconnects_total", 1.0).await;
+    until_metric(admin, "chatcache_listen_reconnects_total", 1.0, WAIT).await;
     let client = db.client().await;
 
     // coderd-sim found its database again on its own: its LISTEN connection is back in use.

@@ -170,16 +170,7 @@ async fn live_turns_and_edits_reach_every_subscriber() {
 
     // Edit the first user message: both streams replay the new visible history.
     let first_user = ids[0];
-    let body = serde_json::json!({"content": [{"type": "text", "text": "edited"}]}).to_string();
-    let path = format!("/api/experimental/chats/{chat}/messages/{first_user}");
-    let (status, _, resp) = http(
-        side.addr,
-        "PATCH",
-        &path,
-        &[("Coder-Session-Token", token)],
-        &body,
-    )
-    .await;
+    let (status, resp) = edit_message(side.addr, chat, token, first_user, "edited").await;
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&resp));
     wait_idle(&pg, chat).await;
     let after_edit = db_ids(&pg, chat).await;

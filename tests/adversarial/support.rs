@@ -274,15 +274,6 @@ pub async fn insert_row(
     row.get(0)
 }
 
-pub async fn notify(pg: &tokio_postgres::Client, chat: &str, payload: &str) {
-    pg.execute(
-        "SELECT pg_notify($1, $2)",
-        &[&format!("chat:stream:{chat}"), &payload],
-    )
-    .await
-    .unwrap();
-}
-
 /// Runs one turn through `addr` and waits for it to finish.
 pub async fn turn(
     addr: SocketAddr,

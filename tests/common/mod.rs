@@ -495,6 +495,27 @@ pub async fn post_message(addr: SocketAddr, chat: &str, token: &str, text: &str)
     (status, body)
 }
 
+/// Edits user message `message` of `chat` to `text` (`PATCH .../messages/{id}`).
+pub async fn edit_message(
+    addr: SocketAddr,
+    chat: &str,
+    token: &str,
+    message: i64,
+    text: &str,
+) -> (u16, Vec<u8>) {
+    let body = serde_json::json!({"content": [{"type": "text", "text": text}]}).to_string();
+    let path = format!("/api/experimental/chats/{chat}/messages/{message}");
+    let (status, _, body) = http(
+        addr,
+        "PATCH",
+        &path,
+        &[("Coder-Session-Token", token)],
+        &body,
+    )
+    .await;
+    (status, body)
+}
+
 /// Waits until the chat is idle (status waiting, queue empty) in Postgres.
 pub async fn wait_idle(db: &tokio_postgres::Client, chat: &str) {
     let chat: uuid::Uuid = chat.parse().unwrap();
@@ -526,6 +547,23 @@ pub async fn metric(admin: SocketAddr, name_with_labels: &str) -> f64 {
     metric_in(&String::from_utf8_lossy(&body), name_with_labels)
 }
 
+/// Polls chatcache's `/metrics` until `name_with_labels` reaches `at_least`; fails after `within`.
+pub async fn until_metric(
+    admin: SocketAddr,
+    name_with_labels: &str,
+    at_least: f64,
+    within: Duration,
+) {
+    let deadline = Instant::now() + within;
+    while metric(admin, name_with_labels).await < at_least {
+        assert!(
+            Instant::now() < deadline,
+            "{name_with_labels} never reached {at_least} within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 pub fn metric_in(text: &str, name_with_labels: &str) -> f64 {
     text.lines()
         .filter(|l| !l.starts_with('#'))
@@ -551,4 +589,14 @@ pub async fn history_exact(addr: SocketAddr, pg: &tokio_postgres::Client, chat: 
     let mut s = subscribe(addr, chat, 0, token).await;
     let got = until_last(&mut s, &ids).await;
     assert_eq!(message_ids(&got), ids, "history of {chat} through {addr}");
+}
+
+/// Publishes `payload` on the chat's stream channel, as a coderd replica would.
+pub async fn notify(pg: &tokio_postgres::Client, chat: &str, payload: &str) {
+    pg.execute(
+        "SELECT pg_notify($1, $2)",
+        &[&format!("chat:stream:{chat}"), &payload],
+    )
+    .await
+    .unwrap();
 }

@@ -37,16 +37,7 @@ async fn edit_replays_the_whole_history_of_a_chat_over_the_ring_limit() {
 
     // Edit the newest user message: history is rewritten and replayed.
     let edited = before[before.len() - 2];
-    let body = serde_json::json!({"content": [{"type": "text", "text": "edited"}]}).to_string();
-    let path = format!("/api/experimental/chats/{chat}/messages/{edited}");
-    let (status, _, _) = http(
-        side.addr,
-        "PATCH",
-        &path,
-        &[("Coder-Session-Token", token)],
-        &body,
-    )
-    .await;
+    let (status, _) = edit_message(side.addr, chat, token, edited, "edited").await;
     assert_eq!(status, 200);
     wait_idle(&pg, chat).await;
     let after = db_ids(&pg, chat).await;
@@ -96,11 +87,7 @@ async fn listen_reconnect_sends_no_message_twice() {
     .await
     .unwrap();
     assert_eq!(kill_listen(&pg).await, 1);
-    let deadline = Instant::now() + WAIT;
-    while metric(admin, "chatcache_listen_reconnects_total").await < 1.0 {
-        assert!(Instant::now() < deadline, "LISTEN never came back");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_metric(admin, "chatcache_listen_reconnects_total", 1.0, WAIT).await;
     let ids = db_ids(&pg, chat).await;
     seen.extend(until_last(&mut s, &ids).await);
     seen.extend(s.events_for(Duration::from_millis(300)).await);
@@ -156,21 +143,10 @@ async fn an_edit_seen_by_a_reload_is_not_replayed_again_by_its_refresh() {
 
     // Now the edit's own notify arrives.
     let deadline = Instant::now() + WAIT;
-    while metric(admin, "chatcache_listen_reconnects_total").await < 1.0 {
-        assert!(Instant::now() < deadline, "LISTEN never came back");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let channel = format!("chat:stream:{chat}");
-    pg.execute(
-        "SELECT pg_notify($1, '{\"full_refresh\":true}')",
-        &[&channel],
-    )
-    .await
-    .unwrap();
-    while metric(admin, "chatcache_full_refreshes_total").await < 1.0 {
-        assert!(Instant::now() < deadline, "the refresh was never handled");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_metric(admin, "chatcache_listen_reconnects_total", 1.0, WAIT).await;
+    notify(&pg, chat, r#"{"full_refresh":true}"#).await;
+    let left = deadline.saturating_duration_since(Instant::now());
+    until_metric(admin, "chatcache_full_refreshes_total", 1.0, left).await;
     seen.extend(s.events_for(Duration::from_millis(500)).await);
 
     // The snapshot, then one replay of the edited history (the replacement may come alone
